@@ -1,0 +1,3 @@
+from ctxzip.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Subcommand groups of the ``ctxzip`` CLI: one module each, exposing ``register(subparsers)``."""

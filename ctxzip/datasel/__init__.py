@@ -1,0 +1,1 @@
+"""ctxzip.datasel (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""ctxzip.kernels (see DESIGN.md)."""

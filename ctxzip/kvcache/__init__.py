@@ -1,0 +1,1 @@
+"""ctxzip.kvcache (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""ctxzip.rag (see DESIGN.md)."""

@@ -1,0 +1,146 @@
+"""Tiny random-weight models built from configs offline, for mechanism tests.
+
+They load in milliseconds and exercise the same code paths as real checkpoints (GQA, RoPE,
+q/k norms, sliding-window layers, vision towers). Quality checks use the real offline
+defaults instead (``pytest -m slow``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["tiny_causal_lm", "tiny_encoder", "tiny_llava", "TINY_FAMILIES"]
+
+TINY_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3")
+
+
+def _seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def tiny_causal_lm(
+    family: str = "llama",
+    *,
+    vocab_size: int = 256,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int = 16,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    **overrides: Any,
+) -> Any:
+    """A randomly initialised causal LM of the given family (GQA by default), in eval mode.
+
+    ``family``: one of ``llama``, ``qwen2``, ``qwen3`` (q/k norm), ``mistral``, ``gemma3``
+    (sliding-window layers mixed with full ones), ``phi3`` (fused qkv).
+    """
+    import transformers as tf
+
+    common: dict[str, Any] = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    if family == "llama":
+        cfg = tf.LlamaConfig(head_dim=head_dim, **common)
+    elif family == "qwen2":
+        cfg = tf.Qwen2Config(**common)
+    elif family == "qwen3":
+        cfg = tf.Qwen3Config(head_dim=head_dim, **common)
+    elif family == "mistral":
+        cfg = tf.MistralConfig(head_dim=head_dim, sliding_window=None, **common)
+    elif family == "gemma3":
+        n = max(num_layers, 2)
+        common["num_hidden_layers"] = n
+        cfg = tf.Gemma3TextConfig(
+            head_dim=head_dim,
+            sliding_window=8,
+            layer_types=["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)],
+            **common,
+        )
+    elif family == "phi3":
+        cfg = tf.Phi3Config(**common)
+    else:
+        raise ValueError(f"unknown tiny family {family!r}; choose from {TINY_FAMILIES}")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    _seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def tiny_encoder(*, vocab_size: int = 256, hidden_size: int = 32, seed: int = 0) -> Any:
+    """A randomly initialised BERT encoder (2 layers)."""
+    import transformers as tf
+
+    cfg = tf.BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=hidden_size * 2,
+        max_position_embeddings=512,
+    )
+    _seed(seed)
+    return tf.BertModel(cfg).eval()
+
+
+def tiny_llava(
+    *,
+    image_size: int = 56,
+    patch_size: int = 14,
+    text_hidden: int = 64,
+    vision_hidden: int = 32,
+    image_token_id: int = 250,
+    vocab_size: int = 256,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> Any:
+    """A randomly initialised ``LlavaForConditionalGeneration`` (CLIP tower + Llama LM).
+
+    With the defaults an image is (56/14)^2 = 16 patch tokens.
+    """
+    import transformers as tf
+
+    vision = tf.CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 2,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
+    text = tf.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=text_hidden,
+        intermediate_size=text_hidden * 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        pad_token_id=0,
+    )
+    cfg = tf.LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    _seed(seed)
+    model = tf.LlavaForConditionalGeneration._from_config(
+        cfg, attn_implementation=attn_implementation
+    )
+    return model.eval()

@@ -1,0 +1,1 @@
+"""ctxzip.vision (see DESIGN.md)."""
