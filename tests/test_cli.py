@@ -34,9 +34,15 @@ def test_module_entry_point():
 def test_demo_runs(tmp_path):
     out = tmp_path / "demo.json"
     assert main(["demo", "--docs", "1", "--context-tokens", "256", "--rates", "0.5",
-                 "--methods", "random-drop,truncate-tail", "--json", str(out)]) == 0
+                 "--methods", "random-drop,truncate-tail", "--presses", "snapkv", "--json", str(out)]) == 0
     import json
 
     rows = json.loads(out.read_text())["rows"]
     by = {r["method"]: r for r in rows}
     assert by["truncate-tail"]["continuation"] > by["random-drop"]["continuation"]
+    assert 0.0 < by["kv:snapkv"]["achieved_rate"] < 0.8  # measured cache bytes vs bf16
+
+
+def test_demo_unknown_press_is_clear(capsys):
+    assert main(["demo", "--presses", "nope"]) == 2
+    assert "unknown press" in capsys.readouterr().err

@@ -2,7 +2,10 @@
 
 Prints a table of method, budget, rate achieved, context benefit retained (continuation and
 recall targets, pooled over documents), and seconds per document, with the offline SmolLM2 as
-the target LM. Baselines (random drop, truncation) are always in the table.
+the target LM: the text compressors (baselines, the distilled LLMLingua-2 classifier, the
+perplexity compressor) and KV-cache presses on the same contexts (``kv:`` rows; their "achieved"
+column is the measured cache bytes relative to a bf16 cache). Baselines (random drop, truncation)
+are always in the table.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 DEFAULT_RATES = "0.5,0.33"
+DEFAULT_PRESSES = "streaming_llm,snapkv,gear"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context-tokens", type=int, default=512, help="context length (default 512)")
     p.add_argument("--rates", default=DEFAULT_RATES, help=f"keep rates (default {DEFAULT_RATES})")
     p.add_argument("--methods", default=None, help="comma-separated subset of method names")
+    p.add_argument("--presses", default=DEFAULT_PRESSES,
+                   help=f"KV-cache presses to run ('' for none; default {DEFAULT_PRESSES})")
     p.add_argument("--model", default=None, help="target LM id/path (default: offline SmolLM2)")
     p.add_argument("--json", dest="json_out", default=None, help="also write results to this file")
     p.set_defaults(func=run)
@@ -35,11 +41,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def text_methods() -> dict[str, Callable[[], Any]]:
     """Name -> factory of every text compressor the demo runs (baselines first)."""
-    from ctxzip.prompt import RandomDropCompressor, TruncationCompressor
+    from ctxzip.prompt import (
+        PerplexityCompressor,
+        RandomDropCompressor,
+        TokenClassifierCompressor,
+        TruncationCompressor,
+    )
 
     methods: dict[str, Callable[[], Any]] = {
         "random-drop": lambda: RandomDropCompressor(seed=0),
         "truncate-tail": lambda: TruncationCompressor("tail"),
+        "lingua2-distilled": lambda: TokenClassifierCompressor(),
+        "perplexity": lambda: PerplexityCompressor(),
     }
     return methods
 
@@ -62,6 +75,13 @@ def run(args: argparse.Namespace) -> int:
     if args.context_tokens < 64:
         raise ValueError("--context-tokens must be >= 64")
     rates = _parse_rates(args.rates)
+    presses = [p.strip() for p in (args.presses or "").split(",") if p.strip()]
+    if presses:
+        from ctxzip.kvcache.evaluate import PRESSES
+
+        bad = [p for p in presses if p.lower().replace("-", "_") not in PRESSES]
+        if bad:
+            raise ValueError(f"unknown press(es) {bad}; available: {sorted(PRESSES)}")
     methods = text_methods()
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -113,11 +133,26 @@ def run(args: argparse.Namespace) -> int:
                 "recall": pooled_benefit(trip["recall"]),
                 "seconds_per_doc": sum(secs) / len(secs),
             })
+    if presses:
+        from ctxzip.kvcache.evaluate import evaluate_press, make_press
+
+        for name in tqdm(presses, desc="kv presses", file=sys.stderr):
+            for rate in rates:
+                r = evaluate_press(ev, cases, make_press(name, Budget(rate=rate)))
+                rows.append({
+                    "method": f"kv:{name}",
+                    "rate": rate,
+                    "achieved_rate": r["bytes_vs_bf16"],
+                    "continuation": r["continuation"],
+                    "recall": r["recall"],
+                    "seconds_per_doc": sum(r["prefill_s"]) / max(len(r["prefill_s"]), 1),
+                })
     _print_table(rows)
     print(f"\n{len(cases)} prose documents from pydoc_data.topics, {args.context_tokens}-token "
           f"contexts; target LM: {args.model or 'SmolLM2-135M-Instruct (offline)'}; "
           f"total {time.perf_counter() - t0:.0f} s. 'retained' = context benefit retained "
-          f"(1 = as good as the full context, 0 = as if there were none).")
+          f"(1 = as good as the full context, 0 = as if there were none); for kv: rows "
+          f"'achieved' is the cache bytes relative to a bf16 cache, and s/doc is the prefill with the press.")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"rows": rows, "docs": [c.doc_id for c in cases],
