@@ -58,9 +58,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -
         raise ValueError(f"batch/head_dim mismatch: q{tuple(q.shape)} vs k{tuple(k.shape)}")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"query heads ({Hq}) must be a positive multiple of KV heads ({Hkv})")
-    if v is not None:
-        if v.dim() != 4 or v.shape[:3] != k.shape[:3]:
-            raise ValueError(f"v must be [B, Hkv, Tk, dv] matching k; got v{tuple(v.shape)}")
+    if v is not None and (v.dim() != 4 or v.shape[:3] != k.shape[:3]):
+        raise ValueError(f"v must be [B, Hkv, Tk, dv] matching k; got v{tuple(v.shape)}")
     if not q.is_floating_point() or not k.is_floating_point():
         raise TypeError(f"q/k must be floating point, got {q.dtype}/{k.dtype}")
     if q.device != k.device or (v is not None and v.device != k.device):
