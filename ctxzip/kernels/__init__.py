@@ -14,7 +14,13 @@ from .dispatch import (
     decode_ragged,
     triton_available,
 )
+from .hf import AttentionRecorder, attention_modules, ctxzip_attention_forward, record_attention
+from .hf import register as register_hf_attention
+from .quant import QuantizedTensor, dequantize, quantize
 from .reference import attention_mass_ref, attention_ref, decode_quantized_ref, decode_ragged_ref
+
+# make attn_implementation="ctxzip" available as soon as ctxzip.kernels is imported
+register_hf_attention()
 
 __all__ = [
     "attention",
@@ -27,4 +33,12 @@ __all__ = [
     "attention_mass_ref",
     "decode_ragged_ref",
     "decode_quantized_ref",
+    "QuantizedTensor",
+    "quantize",
+    "dequantize",
+    "record_attention",
+    "AttentionRecorder",
+    "attention_modules",
+    "ctxzip_attention_forward",
+    "register_hf_attention",
 ]
