@@ -253,7 +253,7 @@ def attention_mass_ref(
             if lg is None:
                 m = _safe_max(s)
                 p = torch.exp_(s.sub_(m))
-                p = p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+                p = p.div_(p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny))
             else:
                 row = lg[:, :, :, q0:q1].unsqueeze(-1)
                 row = torch.where(torch.isfinite(row), row, torch.full_like(row, float("inf")))
