@@ -9,8 +9,8 @@ On a machine without a GPU (this one) it says so and runs the torch paths only:
   - ``eager``: what those methods do today (and what ``output_attentions=True`` forces):
     ``softmax(q kᵀ / √d + causal)`` as a full ``[B, Hq, T, T]`` tensor, ``@ v`` for the
     output, then column sums;
-  - ``ctxzip``: :func:`ctxzip.kernels.attention` (``return_lse=True``) +
-    :func:`ctxzip.kernels.attention_mass` (reusing the LSE), blocked over queries;
+  - ``ctxzip``: :func:`ctxzip.kernels.attention_and_mass` — output, LSE and per-key mass in
+    one pass blocked over queries (what ``record_attention`` runs inside a model);
   - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` output only (no scores) —
     the floor that any attention needs.
 
@@ -80,8 +80,7 @@ def _child(method: str, T: int) -> dict:
         return out, mass
 
     def ctxzip():
-        out, lse = K.attention(q, k, v, causal=True, return_lse=True, backend="torch")
-        mass = K.attention_mass(q, k, causal=True, lse=lse, backend="torch")
+        out, _, mass = K.attention_and_mass(q, k, v, causal=True, backend="torch")
         return out, mass
 
     def sdpa():
@@ -202,7 +201,7 @@ def _cuda_bench(lengths: list[int], quick: bool) -> dict:  # pragma: no cover - 
         full_bytes = 2 * k.numel() * 2
         t_sdpa = timeit(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True))
         lengths_t = torch.randint(T // 4, T + 1, (B, Hkv), device=dev)
-        t_rag = timeit(lambda q=q, k=k, v=v: K.decode_ragged(q, k, v, lengths_t, backend="triton"))
+        t_rag = timeit(lambda q=q, k=k, v=v, L=lengths_t: K.decode_ragged(q, k, v, L, backend="triton"))
         rag_bytes = int(lengths_t.sum()) * d * 2 * 2
         row = {
             "tokens": T, "batch": B,

@@ -189,3 +189,20 @@ def test_backend_env(monkeypatch):
         K.backend_for("cpu")
     monkeypatch.delenv("CTXZIP_KERNELS")
     assert K.backend_for("cpu") == "torch"
+
+
+@pytest.mark.parametrize("window", [None, 0, 3])
+@pytest.mark.parametrize("gqa", ["sum", "per_head"])
+def test_attention_and_mass_one_pass(window, gqa):
+    q, k, v = rand_qkv(Hq=6, Hkv=2, Tq=9, Tk=14)
+    km = torch.ones(2, 14, dtype=torch.bool)
+    km[1, :2] = False
+    out, lse, mass = K.attention_and_mass(q, k, v, window=window, gqa=gqa, attention_mask=km)
+    ro, rl = K.attention(q, k, v, attention_mask=km, return_lse=True)
+    torch.testing.assert_close(out, ro)
+    torch.testing.assert_close(lse, rl)
+    torch.testing.assert_close(mass, K.attention_mass(q, k, window=window, gqa=gqa, attention_mask=km))
+    b = K.attention_and_mass_ref(
+        q, k, v, window=window, gqa=gqa, attention_mask=km, max_block_elems=1
+    )
+    torch.testing.assert_close(b[2], mass, atol=1e-6, rtol=1e-5)

@@ -24,6 +24,7 @@ from . import reference as ref
 __all__ = [
     "attention",
     "attention_mass",
+    "attention_and_mass",
     "decode_ragged",
     "decode_quantized",
     "backend_for",
@@ -145,6 +146,40 @@ def attention_mass(
     return ref.attention_mass_ref(
         q, k, window=window, causal=causal, scale=scale, lse=lse, gqa=gqa,
         attention_mask=attention_mask,
+    )
+
+
+def attention_and_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    gqa: str = "sum",
+    attention_mask: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, lse, mass)``: :func:`attention` and :func:`attention_mass` together.
+
+    The torch path does both in one blocked pass (the probabilities of each query block are
+    used for the output and summed into the mass); the Triton path runs the fused forward and
+    then the mass kernel on its LSE.
+    """
+    if backend_for(q.device, backend) == "triton":
+        from .triton_attention import attention_mass_triton, attention_triton
+
+        out, lse = attention_triton(
+            q, k, v, causal=causal, scale=scale, attention_mask=attention_mask, return_lse=True
+        )
+        mass = attention_mass_triton(
+            q, k, window=window, causal=causal, scale=scale, lse=lse, gqa=gqa,
+            attention_mask=attention_mask,
+        )
+        return out, lse, mass
+    return ref.attention_and_mass_ref(
+        q, k, v, window=window, causal=causal, scale=scale, gqa=gqa, attention_mask=attention_mask
     )
 
 

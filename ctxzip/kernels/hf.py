@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .dispatch import attention, attention_mass
+from .dispatch import attention, attention_and_mass, attention_mass
 
 __all__ = [
     "ATTN_NAME",
@@ -81,16 +81,22 @@ def ctxzip_attention_forward(
     # transformers gives an explicit mask whenever causality is not "the last Tq of Tk keys"
     causal = bool(causal) and mask is None and Tq > 1
     recorders = [r for r in _ACTIVE if r._wants(module)]
-    res = attention(
-        query, key, value, causal=causal, scale=scaling, attention_mask=mask,
-        return_lse=bool(recorders),
-    )
-    if recorders:
-        out, lse = res
+    if len(recorders) == 1 and recorders[0].queries is None:
+        # one pass computes the output and the mass (torch), or forward + mass kernels (Triton)
+        rec = recorders[0]
+        out, _, mass = attention_and_mass(
+            query, key, value, window=rec.window, causal=causal, scale=scaling, gqa=rec.gqa,
+            attention_mask=mask,
+        )
+        rec._store(module, mass, query, key, mask)
+    elif recorders:
+        out, lse = attention(
+            query, key, value, causal=causal, scale=scaling, attention_mask=mask, return_lse=True
+        )
         for rec in recorders:
             rec._record(module, query, key, lse, causal, scaling, mask)
     else:
-        out = res
+        out = attention(query, key, value, causal=causal, scale=scaling, attention_mask=mask)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -153,7 +159,6 @@ class AttentionRecorder:
         self.calls.clear()
 
     def _record(self, module, query, key, lse, causal, scaling, mask) -> None:
-        layer = self._index[id(module)]
         Tq, Tk = query.shape[2], key.shape[2]
         with torch.no_grad():
             if self.queries is None:
@@ -180,6 +185,10 @@ class AttentionRecorder:
                     query[:, :, idx], key, causal=False, scale=scaling, lse=lse[:, :, idx],
                     gqa=self.gqa, attention_mask=allowed,
                 )
+        self._store(module, mass, query, key, mask)
+
+    def _store(self, module, mass, query, key, mask) -> None:
+        layer = self._index[id(module)]
         prev = self.scores.get(layer)
         if self.accumulate and prev is not None and prev.shape == mass.shape:
             mass = prev + mass

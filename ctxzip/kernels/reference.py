@@ -32,6 +32,7 @@ import torch
 __all__ = [
     "attention_ref",
     "attention_mass_ref",
+    "attention_and_mass_ref",
     "decode_ragged_ref",
     "decode_quantized_ref",
     "DEFAULT_MAX_BLOCK_ELEMS",
@@ -113,12 +114,13 @@ class _Mask:
             )
 
     def apply(self, s: torch.Tensor, q0: int, q1: int) -> torch.Tensor:
-        """Mask a ``[B, Hkv, G, q1-q0, Tk]`` fp32 score block in place and return it."""
+        """Mask a ``[B, Hkv, G, q1-q0, n]`` fp32 score block (keys ``0..n-1``) in place."""
         if self.kind == "none":
             return s
+        n = s.shape[-1]
         if self.kind == "keys":
-            return s.masked_fill_(~self.mask, float("-inf"))
-        m = self.mask[..., q0:q1, :]
+            return s.masked_fill_(~self.mask[..., :n], float("-inf"))
+        m = self.mask[..., q0:q1, :n]
         if self.kind == "bool":
             return s.masked_fill_(~m, float("-inf"))
         return s.add_(m.float())
@@ -131,34 +133,90 @@ def _block_size(B: int, Hq: int, Tq: int, Tk: int, max_block_elems: int | None) 
     return max(1, min(max(Tq, 1), cap // max(1, B * Hq * max(Tk, 1))))
 
 
-def _scores_block(
-    qg: torch.Tensor,
-    kT: torch.Tensor,
-    q0: int,
-    q1: int,
+def _check_window(window: int | None) -> int | None:
+    if window is None:
+        return None
+    if isinstance(window, bool) or int(window) != window or window < 0:
+        raise ValueError(f"window must be a non-negative int or None, got {window!r}")
+    return int(window)
+
+
+def _blocked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None,
     *,
-    scale: float,
     causal: bool,
-    Tq: int,
-    Tk: int,
-    mask: _Mask,
-) -> torch.Tensor:
-    """fp32 masked scores for queries ``q0:q1``: ``[B, Hkv, G, bq, Tk]``."""
-    B, Hkv, G, _, d = qg.shape
-    bq = q1 - q0
-    qb = qg[:, :, :, q0:q1].float().reshape(B, Hkv, G * bq, d)
-    s = torch.matmul(qb, kT).mul_(scale).view(B, Hkv, G, bq, Tk)
-    if causal:
-        # query i (absolute position Tk - Tq + i) sees keys j <= Tk - Tq + i
-        qpos = torch.arange(q0, q1, device=s.device) + (Tk - Tq)
-        kpos = torch.arange(Tk, device=s.device)
-        s.masked_fill_(kpos[None, :] > qpos[:, None], float("-inf"))
-    return mask.apply(s, q0, q1)
+    scale: float | None,
+    attention_mask: torch.Tensor | None,
+    lse_in: torch.Tensor | None,
+    want_out: bool,
+    mass_start: int | None,
+    max_block_elems: int | None,
+):
+    """One blocked pass over queries computing any of: output, row LSE, per-key mass.
+
+    Under ``causal`` a query block only reads the key prefix it can see. ``mass_start``: first
+    query row whose probabilities are summed into the mass (``None``: no mass). Returns
+    ``(out [B,Hkv,G,Tq,dv] | None, lse [B,Hkv,G,Tq], mass [B,Hkv,G,Tk] | None)``.
+    """
+    B, Hq, Hkv, Tq, Tk, d = check_qkv(q, k, v)
+    if causal and Tq > Tk:
+        raise ValueError(f"causal attention needs Tq <= Tk (queries aligned to the end); got {Tq} > {Tk}")
+    scale = _resolve_scale(scale, d)
+    G = Hq // Hkv
+    mask = _Mask(attention_mask, B, Hq, Hkv, Tq, Tk)
+    dv = v.shape[-1] if v is not None else 0
+    out = torch.zeros(B, Hkv, G, Tq, dv, dtype=q.dtype, device=q.device) if want_out else None
+    lse = torch.full((B, Hkv, G, Tq), float("-inf"), dtype=torch.float32, device=q.device)
+    mass = (
+        torch.zeros(B, Hkv, G, Tk, dtype=torch.float32, device=q.device) if mass_start is not None else None
+    )
+    first = 0 if want_out or mass_start is None else mass_start
+    if Tk == 0 or first >= Tq:
+        return out, lse, mass
+    qg = q.view(B, Hkv, G, Tq, d)
+    kT = k.float().transpose(-1, -2)
+    vf = v.float() if want_out else None
+    lg = None if lse_in is None else lse_in.float().view(B, Hkv, G, Tq)
+    tiny = torch.finfo(torch.float32).tiny
+    bq = _block_size(B, Hq, Tq - first, Tk, max_block_elems)
+    for q0 in range(first, Tq, bq):
+        q1 = min(Tq, q0 + bq)
+        n = min(Tk, Tk - Tq + q1) if causal else Tk  # keys this block can see
+        if n <= 0:
+            continue
+        qb = qg[:, :, :, q0:q1].float().reshape(B, Hkv, G * (q1 - q0), d)
+        s = torch.matmul(qb, kT[..., :n]).mul_(scale).view(B, Hkv, G, q1 - q0, n)
+        if causal:
+            qpos = torch.arange(q0, q1, device=s.device) + (Tk - Tq)
+            s.masked_fill_(torch.arange(n, device=s.device)[None, :] > qpos[:, None], float("-inf"))
+        mask.apply(s, q0, q1)
+        if lg is not None:
+            row = lg[:, :, :, q0:q1].unsqueeze(-1)
+            row = torch.where(torch.isfinite(row), row, torch.full_like(row, float("inf")))
+            p = torch.exp_(s.sub_(row))
+        else:
+            m = s.amax(dim=-1, keepdim=True)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            p = torch.exp_(s.sub_(m))
+            denom = p.sum(dim=-1)
+            lse[:, :, :, q0:q1] = m.squeeze(-1) + torch.log(denom)
+            p.div_(denom.clamp_min(tiny).unsqueeze(-1))
+        if want_out:
+            o = torch.matmul(p.view(B, Hkv, -1, n), vf[:, :, :n]).view(B, Hkv, G, q1 - q0, dv)
+            out[:, :, :, q0:q1] = o.to(q.dtype)
+        if mass is not None and q1 > mass_start:
+            mass[..., :n] += p[:, :, :, max(0, mass_start - q0):].sum(dim=-2)
+    return out, lse, mass
 
 
-def _safe_max(s: torch.Tensor) -> torch.Tensor:
-    m = s.amax(dim=-1, keepdim=True)
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+def _finish_mass(mass: torch.Tensor, gqa: str) -> torch.Tensor:
+    B, Hkv, G, Tk = mass.shape
+    if gqa == "per_head":
+        return mass.view(B, Hkv * G, Tk)
+    out = mass.sum(dim=2)
+    return out / G if gqa == "mean" else out
 
 
 # ----------------------------------------------------------------------------- attention
@@ -176,33 +234,12 @@ def attention_ref(
     max_block_elems: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention, blocked over queries; returns ``out`` (and fp32 ``lse`` ``[B,Hq,Tq]``)."""
-    B, Hq, Hkv, Tq, Tk, d = check_qkv(q, k, v)
-    if causal and Tq > Tk:
-        raise ValueError(f"causal attention needs Tq <= Tk (queries aligned to the end); got {Tq} > {Tk}")
-    scale = _resolve_scale(scale, d)
-    G = Hq // Hkv
-    dv = v.shape[-1]
-    mask = _Mask(attention_mask, B, Hq, Hkv, Tq, Tk)
-    out = torch.zeros(B, Hkv, G, Tq, dv, dtype=q.dtype, device=q.device)
-    lse = torch.full((B, Hkv, G, Tq), float("-inf"), dtype=torch.float32, device=q.device)
-    if Tq == 0 or Tk == 0:
-        out = out.view(B, Hq, Tq, dv)
-        return (out, lse.view(B, Hq, Tq)) if return_lse else out
-    qg = q.view(B, Hkv, G, Tq, d)
-    kT = k.float().transpose(-1, -2)
-    vf = v.float()
-    bq = _block_size(B, Hq, Tq, Tk, max_block_elems)
-    for q0 in range(0, Tq, bq):
-        q1 = min(Tq, q0 + bq)
-        s = _scores_block(qg, kT, q0, q1, scale=scale, causal=causal, Tq=Tq, Tk=Tk, mask=mask)
-        m = _safe_max(s)
-        p = torch.exp_(s.sub_(m))
-        denom = p.sum(dim=-1)  # [B,Hkv,G,bq]
-        o = torch.matmul(p.view(B, Hkv, -1, Tk), vf).view(B, Hkv, G, q1 - q0, dv)
-        o = o / denom.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
-        out[:, :, :, q0:q1] = o.to(q.dtype)
-        lse[:, :, :, q0:q1] = m.squeeze(-1) + torch.log(denom)
-    out = out.view(B, Hq, Tq, dv)
+    B, Hq, _, Tq, _, _ = check_qkv(q, k, v)
+    out, lse, _ = _blocked(
+        q, k, v, causal=causal, scale=scale, attention_mask=attention_mask, lse_in=None,
+        want_out=True, mass_start=None, max_block_elems=max_block_elems,
+    )
+    out = out.view(B, Hq, Tq, v.shape[-1])
     return (out, lse.view(B, Hq, Tq)) if return_lse else out
 
 
@@ -223,46 +260,46 @@ def attention_mass_ref(
     ``window=None`` sums over all queries, ``window=w`` over the last ``min(w, Tq)`` queries
     (``w=0`` gives zeros). Returns fp32 ``[B, Hkv, Tk]`` for ``gqa="sum"``/``"mean"`` (summed or
     averaged over each GQA group of query heads) or ``[B, Hq, Tk]`` for ``gqa="per_head"``.
-    ``lse`` (``[B, Hq, Tq]``, e.g. from :func:`attention_ref` with ``return_lse=True``) skips
-    the normalisation pass; rows are otherwise normalised inside each query block.
+    ``lse`` (``[B, Hq, Tq]``, e.g. from :func:`attention_ref` with ``return_lse=True``) is used
+    as the row normaliser; otherwise rows are normalised inside each query block (one pass).
     """
     B, Hq, Hkv, Tq, Tk, d = check_qkv(q, k)
     if gqa not in _GQA_MODES:
         raise ValueError(f"gqa must be one of {_GQA_MODES}, got {gqa!r}")
-    if causal and Tq > Tk:
-        raise ValueError(f"causal attention needs Tq <= Tk (queries aligned to the end); got {Tq} > {Tk}")
-    if window is not None:
-        if isinstance(window, bool) or int(window) != window or window < 0:
-            raise ValueError(f"window must be a non-negative int or None, got {window!r}")
-        window = int(window)
+    window = _check_window(window)
     if lse is not None and tuple(lse.shape) != (B, Hq, Tq):
         raise ValueError(f"lse must be [B, Hq, Tq]=({B}, {Hq}, {Tq}), got {tuple(lse.shape)}")
-    scale = _resolve_scale(scale, d)
-    G = Hq // Hkv
-    mask = _Mask(attention_mask, B, Hq, Hkv, Tq, Tk)
-    acc = torch.zeros(B, Hkv, G, Tk, dtype=torch.float32, device=q.device)
     start = 0 if window is None else max(0, Tq - window)
-    if Tk > 0 and start < Tq:
-        qg = q.view(B, Hkv, G, Tq, d)
-        kT = k.float().transpose(-1, -2)
-        lg = None if lse is None else lse.float().view(B, Hkv, G, Tq)
-        bq = _block_size(B, Hq, Tq - start, Tk, max_block_elems)
-        for q0 in range(start, Tq, bq):
-            q1 = min(Tq, q0 + bq)
-            s = _scores_block(qg, kT, q0, q1, scale=scale, causal=causal, Tq=Tq, Tk=Tk, mask=mask)
-            if lg is None:
-                m = _safe_max(s)
-                p = torch.exp_(s.sub_(m))
-                p = p.div_(p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny))
-            else:
-                row = lg[:, :, :, q0:q1].unsqueeze(-1)
-                row = torch.where(torch.isfinite(row), row, torch.full_like(row, float("inf")))
-                p = torch.exp_(s.sub_(row))
-            acc += p.sum(dim=-2)
-    if gqa == "per_head":
-        return acc.view(B, Hq, Tk)
-    out = acc.sum(dim=2)
-    return out / G if gqa == "mean" else out
+    _, _, mass = _blocked(
+        q, k, None, causal=causal, scale=scale, attention_mask=attention_mask, lse_in=lse,
+        want_out=False, mass_start=start if start < Tq else Tq, max_block_elems=max_block_elems,
+    )
+    return _finish_mass(mass, gqa)
+
+
+def attention_and_mass_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    gqa: str = "sum",
+    attention_mask: torch.Tensor | None = None,
+    max_block_elems: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, lse, mass)`` of :func:`attention_ref` and :func:`attention_mass_ref` in one pass."""
+    B, Hq, _, Tq, _, _ = check_qkv(q, k, v)
+    if gqa not in _GQA_MODES:
+        raise ValueError(f"gqa must be one of {_GQA_MODES}, got {gqa!r}")
+    window = _check_window(window)
+    start = 0 if window is None else max(0, Tq - window)
+    out, lse, mass = _blocked(
+        q, k, v, causal=causal, scale=scale, attention_mask=attention_mask, lse_in=None,
+        want_out=True, mass_start=start, max_block_elems=max_block_elems,
+    )
+    return out.view(B, Hq, Tq, v.shape[-1]), lse.view(B, Hq, Tq), _finish_mass(mass, gqa)
 
 
 # ----------------------------------------------------------------------------- decode
