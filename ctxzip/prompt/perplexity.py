@@ -187,6 +187,16 @@ class PerplexityCompressor(TextCompressor):
         streams = [q_ids] if query else [start_ids]
         if query and self.contrastive:
             streams.append(start_ids)  # unconditioned stream for loss(x | prefix)
+        if keep_counts is None and len(q_ids) + n <= self.max_context:
+            # nothing dropped: one forward pass per stream scores every token
+            losses = []
+            for pre in streams:
+                logits, _ = self._forward(pre + list(ids), None, 0)
+                pred = logits[len(pre) - 1 : -1]
+                tgt = torch.tensor(list(ids), dtype=torch.long, device=pred.device)
+                losses.append(torch.nn.functional.cross_entropy(pred, tgt, reduction="none"))
+            s = (losses[1] - losses[0]) if len(losses) == 2 else losses[0]
+            return s.double().cpu().numpy(), np.ones(n, dtype=bool)
         scores = np.zeros(n, dtype=np.float64)
         kept = np.zeros(n, dtype=bool)
 
