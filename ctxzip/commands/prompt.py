@@ -58,7 +58,7 @@ def _distill(args: argparse.Namespace) -> int:
             raise ValueError("--default uses the built-in corpus; drop --texts/--pairs")
         asset = args.asset_dir or str(D.default_asset_dir())
         log = D.distill_default(
-            args.out, asset_dir=asset, max_samples=args.max_samples if args.max_samples is not None else 180, metadata_chars=args.metadata_chars,
+            args.out, asset_dir=asset, max_samples=args.max_samples if args.max_samples is not None else 100, metadata_chars=args.metadata_chars,
             teacher_rate=args.teacher_rate, config=cfg, progress=progress,
         )
         print(json.dumps({k: log[k] for k in ("n_train", "n_eval", "epochs", "total_seconds", "teacher_seconds") if k in log}, indent=1))

@@ -357,7 +357,7 @@ class TokenClassifierCompressor(TextCompressor):
 
     def _force_by_text(self, text: str, spans: np.ndarray, words: list[str]) -> np.ndarray:
         """Words equal to a force token, or covered exactly by a multi-word force token."""
-        forced = np.zeros(len(words), dtype=bool)
+        forced = np.zeros(len(spans), dtype=bool)
         if not self.force_tokens:
             return forced
         fset = set(self.force_tokens)
