@@ -4,7 +4,6 @@ real MiniLM tokenizer, plus decision-for-decision agreement with the `llmlingua`
 from __future__ import annotations
 
 import re
-import string
 
 import numpy as np
 import pytest
@@ -200,7 +199,6 @@ def test_matches_llmlingua_anchor(tiny_dir, monkeypatch):
     """Same model, same text: our chunk mode keeps exactly the words llmlingua 0.2.2 keeps."""
     llmlingua = pytest.importorskip("llmlingua")
     import tiktoken
-
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import math
 import os
 import re
 import time
@@ -512,7 +511,7 @@ def train(
             opt.step()
             sched.step()
             step += 1
-            run += float(loss)
+            run += float(loss.detach())
             cnt += 1
         log["epochs"].append({"train_loss": run / max(cnt, 1), "eval": evaluate()})
     model.eval()
@@ -621,8 +620,9 @@ def distill_default(
     ``max_samples`` caps the training samples (the shipped default used the full corpus, see
     ``meta.json``); 10% of the training samples (by position) are used for the eval curve.
     """
-    from ctxzip.models import encoder_path
     from transformers import AutoTokenizer
+
+    from ctxzip.models import encoder_path
 
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(encoder_path())
@@ -651,6 +651,3 @@ def distill_default(
         export_partial(model, asset_dir, log["trained_layers"], meta={"distill_log": log})
     return log
 
-
-def _approx_mb(path: Path) -> float:
-    return math.ceil(path.stat().st_size / 1e4) / 100

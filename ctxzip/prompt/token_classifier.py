@@ -33,9 +33,8 @@ What is different from the anchor, and why (see ``docs/prompt.md``):
 * The output keeps the original spelling, case and line breaks of the kept words (the anchor
   rebuilds text from tokens, which lower-cases with uncased models and joins chunks without a
   separator). ``[UNK]`` words are kept as text; the anchor silently deletes them.
-* Batches are sorted by length and padded only to the longest member (``fast=False`` keeps
-  the anchor's chunking and per-chunk decisions; ``fast=True`` also runs the encoder in bfloat16
-  and skips padding altogether by packing each batch to the same length).
+* Batches are sorted by length and padded only to their longest member (the anchor pads every
+  chunk to 512). ``fast=`` adds int8 or bfloat16 inference on top (approximate decisions).
 """
 
 from __future__ import annotations
@@ -103,9 +102,11 @@ class TokenClassifierCompressor(TextCompressor):
         chunk_end_tokens: tokens a chunk may end at (anchor default ``.`` and newline).
         max_seq_len: classifier window including ``[CLS]``/``[SEP]`` (anchor: 512).
         batch_size: chunks per forward pass (anchor: 50).
-        fast: bfloat16 inference where the CPU/GPU supports it, and batches padded only to
-            their longest chunk (decisions may differ from the anchor on words whose
-            probability sits within ~1e-3 of the threshold).
+        fast: faster, approximate inference: ``"int8"`` - dynamic int8 quantization of every
+            linear layer (CPU); ``"bf16"`` - bfloat16 weights and activations (CPUs with
+            AVX512-BF16/AMX, or CUDA); ``True`` - int8 on CPU, bf16 on CUDA. Decisions can differ
+            from full precision on words whose probability sits next to the threshold
+            (measured in ``benchmarks/prompt_speed.py``).
         token_weights: what the percentile/budget counts per word: ``"target"`` - tokens of the
             counting (target-LM) tokenizer, like the anchor's GPT tokenizer; ``"classifier"`` -
             the classifier's own subword tokens.
@@ -125,7 +126,7 @@ class TokenClassifierCompressor(TextCompressor):
     chunk_end_tokens: tuple[str, ...] = (".", "\n")
     max_seq_len: int = 512
     batch_size: int = 50
-    fast: bool = False
+    fast: bool | Literal["int8", "bf16"] = False
     token_weights: Literal["target", "classifier"] = "target"
     return_word_labels: bool = False
     device: Any = None
@@ -178,8 +179,19 @@ class TokenClassifierCompressor(TextCompressor):
                 raise ValueError("the classifier's tokenizer must be a fast tokenizer (offsets are needed)")
             dev = resolve_device(self.device)
             model = model.to(dev).eval()
-            if self.fast and _bf16_ok(dev):
+            kind = self.fast
+            if kind is True:
+                kind = "bf16" if dev.type == "cuda" else "int8"
+            if kind == "bf16" and _bf16_ok(dev):
                 model = model.to(torch.bfloat16)
+            elif kind == "int8":
+                if dev.type != "cpu":
+                    raise ValueError("fast='int8' (dynamic int8 quantization) runs on CPU only; use fast='bf16'")
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
             self._clf = (model, tok)
         return self._clf
 
@@ -508,9 +520,7 @@ class TokenClassifierCompressor(TextCompressor):
                 sep = "\n\n"
             elif "\n" in gap:
                 sep = "\n"
-            elif gap and (gap.isspace() or gd):
-                sep = " "
-            elif gd:
+            elif gap and (gap.isspace() or gd) or gd:
                 sep = " "
             else:
                 sep = ""
