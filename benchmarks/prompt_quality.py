@@ -9,11 +9,11 @@ continuation and uniformly placed cued recall spans are the targets (see DESIGN.
 Methods at keep rates 0.5 and 0.33 (the achieved rate is reported beside every number):
 random token drop, keep-the-tail truncation, PerplexityCompressor (LLMLingua-1 token level;
 question-aware LongLLMLingua contrastive with the document's title as the question; sentence
-level), and the distilled default TokenClassifierCompressor (LLMLingua-2, global and per-chunk
-modes). Compression time per document is measured for the classifier and its teacher.
+level), and the distilled default TokenClassifierCompressor (LLMLingua-2, global mode). Compression time per document is measured for the classifier and its teacher.
 
-    python benchmarks/prompt_quality.py           # 5 held-out documents, 1024-token contexts
-    python benchmarks/prompt_quality.py --quick   # 1 document, 512-token contexts
+    python benchmarks/prompt_quality.py           # 4 held-out documents, 512-token contexts
+    python benchmarks/prompt_quality.py --quick   # 1 document
+    python benchmarks/prompt_quality.py --docs 7 --context-tokens 1024   # the larger run
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(OUT / "prompt_quality.json"))
     args = ap.parse_args()
-    n_docs = args.docs or (1 if args.quick else 5)
-    ctx_tokens = args.context_tokens or (512 if args.quick else 1024)
+    n_docs = args.docs or (1 if args.quick else 4)
+    ctx_tokens = args.context_tokens or 512
 
     import torch
 
@@ -80,7 +80,6 @@ def main() -> None:
         "perplexity-query": lambda q: PerplexityCompressor(model=args.target_lm, tokenizer=tok),
         "perplexity-sentence": lambda q: PerplexityCompressor(model=args.target_lm, unit="sentence", tokenizer=tok),
         "lingua2-distilled": lambda q: TokenClassifierCompressor(tokenizer=tok),
-        "lingua2-distilled-chunk": lambda q: TokenClassifierCompressor(mode="chunk", tokenizer=tok),
     }
     comps = {k: f(None) for k, f in methods.items()}
     rows = []

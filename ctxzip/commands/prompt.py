@@ -32,7 +32,9 @@ def register(sub: Any) -> None:
     d.add_argument("--hard", action="store_true", help="hard 0/1 labels at --teacher-rate instead of soft percentile targets")
     d.add_argument("--max-samples", type=int, default=None, help="cap the number of training samples")
     d.add_argument("--metadata-chars", type=int, default=150_000, help="characters of package descriptions in the default corpus")
+    d.add_argument("--labels-cache", default=None, help="--default: pickle file for the teacher labels (reused when present)")
     d.add_argument("--epochs", type=int, default=None)
+    d.add_argument("--batch-size", type=int, default=None)
     d.add_argument("--train-layers", type=int, default=None)
     d.add_argument("--lr", type=float, default=None)
     d.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
@@ -48,7 +50,7 @@ def _distill(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(int(args.threads))
     cfg = D.DistillConfig()
-    for k in ("epochs", "train_layers", "lr"):
+    for k in ("epochs", "train_layers", "lr", "batch_size"):
         v = getattr(args, k)
         if v is not None:
             setattr(cfg, k, v)
@@ -59,7 +61,7 @@ def _distill(args: argparse.Namespace) -> int:
         asset = args.asset_dir or str(D.default_asset_dir())
         log = D.distill_default(
             args.out, asset_dir=asset, max_samples=args.max_samples if args.max_samples is not None else 100, metadata_chars=args.metadata_chars,
-            teacher_rate=args.teacher_rate, config=cfg, progress=progress,
+            teacher_rate=args.teacher_rate, config=cfg, progress=progress, labels_cache=args.labels_cache,
         )
         print(json.dumps({k: log[k] for k in ("n_train", "n_eval", "epochs", "total_seconds", "teacher_seconds") if k in log}, indent=1))
         print(f"wrote {asset}", file=sys.stderr)

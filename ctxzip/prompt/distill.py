@@ -613,12 +613,15 @@ def distill_default(
     metadata_chars: int = 150_000,
     teacher_rate: float = 0.5,
     config: DistillConfig | None = None,
+    labels_cache: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Build the default classifier end to end: corpus -> teacher labels -> training -> export.
 
-    ``max_samples`` caps the training samples (the shipped default used the full corpus, see
-    ``meta.json``); 10% of the training samples (by position) are used for the eval curve.
+    ``max_samples`` caps the training samples (drawn at random with seed 0; the shipped value
+    is in ``meta.json``); every 10th labelled sample is kept out of training for the eval
+    curve. ``labels_cache``: a pickle file to store the teacher labels in (and reuse them from
+    when it exists), so training settings can be changed without relabelling.
     """
     from transformers import AutoTokenizer
 
@@ -632,7 +635,22 @@ def distill_default(
         rng = np.random.default_rng(0)
         idx = np.sort(rng.permutation(len(smp))[:max_samples])
         smp = [smp[i] for i in idx]
-    recs = teacher_labels(smp, tok, teacher_rate=teacher_rate, progress=progress)
+    if labels_cache is not None and Path(labels_cache).is_file():
+        import pickle
+
+        with open(labels_cache, "rb") as fh:
+            cached = pickle.load(fh)
+        if cached.get("samples") != smp or cached.get("teacher_rate") != teacher_rate:
+            raise ValueError(f"{labels_cache} was made from other samples or settings; delete it to relabel")
+        recs = cached["records"]
+    else:
+        recs = teacher_labels(smp, tok, teacher_rate=teacher_rate, progress=progress)
+        if labels_cache is not None:
+            import pickle
+
+            Path(labels_cache).parent.mkdir(parents=True, exist_ok=True)
+            with open(labels_cache, "wb") as fh:
+                pickle.dump({"samples": smp, "teacher_rate": teacher_rate, "records": recs}, fh)
     t_teacher = time.perf_counter() - t0
     n_ev = max(1, len(recs) // 10)
     ev, tr = recs[::10][:n_ev], [r for i, r in enumerate(recs) if i % 10 != 0]

@@ -104,7 +104,7 @@ class TokenClassifierCompressor(TextCompressor):
         batch_size: chunks per forward pass (anchor: 50).
         fast: faster, approximate inference: ``"int8"`` - dynamic int8 quantization of every
             linear layer (CPU); ``"bf16"`` - bfloat16 weights and activations (CPUs with
-            AVX512-BF16/AMX, or CUDA); ``True`` - int8 on CPU, bf16 on CUDA. Decisions can differ
+            AVX512-BF16/AMX, or CUDA); ``True`` - bf16 where supported, else int8. Decisions can differ
             from full precision on words whose probability sits next to the threshold
             (measured in ``benchmarks/prompt_speed.py``).
         token_weights: what the percentile/budget counts per word: ``"target"`` - tokens of the
@@ -181,7 +181,7 @@ class TokenClassifierCompressor(TextCompressor):
             model = model.to(dev).eval()
             kind = self.fast
             if kind is True:
-                kind = "bf16" if dev.type == "cuda" else "int8"
+                kind = "bf16" if _bf16_ok(dev) else "int8"
             if kind == "bf16" and _bf16_ok(dev):
                 model = model.to(torch.bfloat16)
             elif kind == "int8":
