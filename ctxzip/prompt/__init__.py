@@ -2,5 +2,15 @@
 LongLLMLingua), code (LongCodeZip), retrieved documents (RECOMP)."""
 
 from ctxzip.prompt.baselines import RandomDropCompressor, TruncationCompressor
+from ctxzip.prompt.distill import DistillConfig, load_default_classifier
+from ctxzip.prompt.perplexity import PerplexityCompressor
+from ctxzip.prompt.token_classifier import TokenClassifierCompressor
 
-__all__ = ["RandomDropCompressor", "TruncationCompressor"]
+__all__ = [
+    "RandomDropCompressor",
+    "TruncationCompressor",
+    "TokenClassifierCompressor",
+    "PerplexityCompressor",
+    "DistillConfig",
+    "load_default_classifier",
+]

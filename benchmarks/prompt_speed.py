@@ -1,0 +1,176 @@
+"""Speed of LLMLingua-2 compression: ctxzip's TokenClassifierCompressor vs the `llmlingua` 0.2.2
+anchor, same token-classification model, same inputs, side by side in one process.
+
+Model: ctxzip's distilled default classifier (MiniLM), saved once to a temporary folder whose
+name contains "bert-base-multilingual-cased" (the anchor picks its `##` word-merging rule by
+that substring). The anchor's constructor fetches a GPT tokenizer from the network; it is
+replaced here (benchmark only) by a stand-in that counts with the classifier's own tokenizer,
+and ctxzip is run with ``token_weights="classifier"`` so both count the same units.
+
+Inputs: the first 2k / 10k / 50k whitespace words of `pydoc_data.topics` (topics in key order).
+Rows, interleaved per repetition: anchor ``compress_prompt_llmlingua2`` (per-chunk percentile),
+ctxzip exact (``mode="chunk"``), ctxzip fast int8 and fast bf16. Reported: words/s (median over
+repetitions), speed-up vs the anchor, and the fraction of word keep-decisions identical to the
+anchor's.
+
+    python benchmarks/prompt_speed.py            # 2k, 10k, 50k words, 3 repetitions
+    python benchmarks/prompt_speed.py --quick    # 2k, 10k words, 1 repetition
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "benchmarks" / "results"
+
+
+def words_text(n_words: int) -> str:
+    import pydoc_data.topics as t
+    import re
+
+    full = "\n\n".join(t.topics[k] for k in sorted(t.topics))
+    pos = [m.end() for m in re.finditer(r"\S+", full)]
+    if n_words > len(pos):
+        full = (full + "\n\n") * (n_words // len(pos) + 1)
+        pos = [m.end() for m in re.finditer(r"\S+", full)]
+    return full[: pos[n_words - 1]]
+
+
+def agreement(a_words, a_labels, b_words, b_labels) -> dict:
+    if a_words == b_words:
+        same = sum(x == y for x, y in zip(a_labels, b_labels))
+        return {"aligned_words": len(a_words), "word_lists_equal": True, "identical": same / max(len(a_words), 1)}
+    sm = difflib.SequenceMatcher(a=a_words, b=b_words, autojunk=False)
+    same = n = 0
+    for blk in sm.get_matching_blocks():
+        for i in range(blk.size):
+            n += 1
+            same += a_labels[blk.a + i] == b_labels[blk.b + i]
+    return {"aligned_words": n, "word_lists_equal": False, "anchor_words": len(a_words), "ctxzip_words": len(b_words),
+            "identical": same / max(n, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sizes", type=int, nargs="*", default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--rate", type=float, default=0.33)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(OUT / "prompt_speed.json"))
+    args = ap.parse_args()
+    sizes = args.sizes or ([2000, 10000] if args.quick else [2000, 10000, 50000])
+    reps = args.reps or (1 if args.quick else 3)
+
+    import tiktoken
+    import torch
+    from llmlingua import PromptCompressor
+
+    from ctxzip.budget import Budget
+    from ctxzip.prompt import TokenClassifierCompressor, load_default_classifier
+
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp()) / "bert-base-multilingual-cased-ctxzip-minilm"
+    model, tok = load_default_classifier()
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+
+    class Standin:
+        def encode(self, s):
+            return tok(s, add_special_tokens=False)["input_ids"]
+
+        def decode(self, ids):
+            return tok.decode(ids)
+
+    tiktoken.encoding_for_model = lambda name: Standin()  # benchmark-only patch (offline)
+    anchor = PromptCompressor(model_name=str(tmp), device_map="cpu", use_llmlingua2=True)
+
+    common = dict(model=str(tmp), tokenizer=tok, token_weights="classifier", return_word_labels=True, mode="chunk")
+    ours = {
+        "exact": TokenClassifierCompressor(**common),
+        "fast-int8": TokenClassifierCompressor(fast="int8", **common),
+        "fast-bf16": TokenClassifierCompressor(fast="bf16", **common),
+    }
+    for c in ours.values():
+        c.classifier()
+        c.compress("warm up the model.", budget=Budget(rate=0.5))
+    anchor.compress_prompt_llmlingua2(["warm up the model."], rate=0.5)
+
+    results = []
+    for n in sizes:
+        text = words_text(n)
+        times: dict[str, list[float]] = {k: [] for k in ["anchor", *ours]}
+        labels: dict[str, tuple] = {}
+        for rep in range(reps):
+            order = ["anchor", *ours] if rep % 2 == 0 else [*reversed(list(ours)), "anchor"]
+            for name in order:
+                t0 = time.perf_counter()
+                if name == "anchor":
+                    r = anchor.compress_prompt_llmlingua2([text], rate=args.rate, return_word_label=True)
+                    dt = time.perf_counter() - t0
+                    pairs = [p.rsplit(" ", 1) for p in r["fn_labeled_original_prompt"].split("\t\t|\t\t")]
+                    labels[name] = ([w for w, _ in pairs], [int(lab) for _, lab in pairs])
+                else:
+                    r = ours[name].compress(text, budget=Budget(rate=args.rate))
+                    dt = time.perf_counter() - t0
+                    labels[name] = (r.details["words"], r.details["word_labels"])
+                times[name].append(dt)
+                print(f"{n} words {name}: {dt:.2f}s", flush=True)
+        row = {"words": n, "rate": args.rate, "seconds": times, "words_per_s": {}, "speedup_vs_anchor": {}, "agreement": {}}
+        a_med = statistics.median(times["anchor"])
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            row["words_per_s"][name] = n / med
+            row["speedup_vs_anchor"][name] = a_med / med
+            if name != "anchor":
+                row["agreement"][name] = agreement(*labels["anchor"], *labels[name])
+        row["kept_fraction_anchor"] = sum(labels["anchor"][1]) / max(len(labels["anchor"][1]), 1)
+        results.append(row)
+        print(json.dumps({k: row[k] for k in ("words", "words_per_s", "speedup_vs_anchor")}), flush=True)
+
+    info = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "torch_threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
+                    "loadavg": os.getloadavg()},
+        "anchor": "llmlingua 0.2.2 compress_prompt_llmlingua2 (tiktoken replaced by the classifier tokenizer)",
+        "model": "ctxzip default distilled MiniLM token classifier (same weights for both)",
+        "reps": reps,
+        "results": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(info, indent=1))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in ["anchor", *ours]:
+            ax.plot([r["words"] for r in results], [r["words_per_s"][name] for r in results], marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("input words (pydoc_data.topics)")
+        ax.set_ylabel("words / s (median)")
+        ax.set_title("LLMLingua-2 compression speed, same MiniLM classifier")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(Path(args.out).with_suffix(".png"), dpi=120)
+    except ImportError:
+        pass
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

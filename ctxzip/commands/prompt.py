@@ -1,0 +1,103 @@
+"""``ctxzip prompt distill``: train (or reproduce) an LLMLingua-2 token classifier."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("prompt", help="prompt-compression tools (distil a token classifier)")
+    psub = p.add_subparsers(dest="prompt_command", metavar="SUBCOMMAND")
+    d = psub.add_parser(
+        "distill",
+        help="distil a token classifier from the perplexity teacher or from (original, compressed) pairs",
+        description=(
+            "Label words with a teacher and fine-tune a token classifier on them. "
+            "`ctxzip prompt distill --default` reproduces the shipped default classifier "
+            "(teacher: PerplexityCompressor on SmolLM2; data: pydoc_data.topics minus the held-out "
+            "topics, plus installed packages' descriptions; base: the packaged all-MiniLM-L6-v2)."
+        ),
+    )
+    d.add_argument("--default", action="store_true", help="rebuild the shipped default (writes ctxzip/assets/lingua2-minilm unless --asset-dir)")
+    d.add_argument("--texts", nargs="*", default=None, help="UTF-8 text files to label with the teacher (instead of the default corpus)")
+    d.add_argument("--pairs", default=None, help="JSON/JSONL of {prompt, compressed_prompt} pairs (LLMLingua-2 data format)")
+    d.add_argument("--out", default=None, help="save_pretrained directory for the full model")
+    d.add_argument("--asset-dir", default=None, help="write partial fp16 weights (trained layers + head) here")
+    d.add_argument("--base", default=None, help="base encoder id/path (default: packaged all-MiniLM-L6-v2)")
+    d.add_argument("--teacher", default=None, help="teacher causal LM id/path (default: offline SmolLM2)")
+    d.add_argument("--teacher-rate", type=float, default=0.5, help="teacher keep rate (hard labels / iterative mode)")
+    d.add_argument("--hard", action="store_true", help="hard 0/1 labels at --teacher-rate instead of soft percentile targets")
+    d.add_argument("--max-samples", type=int, default=None, help="cap the number of training samples")
+    d.add_argument("--metadata-chars", type=int, default=150_000, help="characters of package descriptions in the default corpus")
+    d.add_argument("--labels-cache", default=None, help="--default: pickle file for the teacher labels (reused when present)")
+    d.add_argument("--epochs", type=int, default=None)
+    d.add_argument("--batch-size", type=int, default=None)
+    d.add_argument("--train-layers", type=int, default=None)
+    d.add_argument("--lr", type=float, default=None)
+    d.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=_distill)
+
+
+def _distill(args: argparse.Namespace) -> int:
+    import torch
+
+    from ctxzip.prompt import distill as D
+
+    if args.threads:
+        torch.set_num_threads(int(args.threads))
+    cfg = D.DistillConfig()
+    for k in ("epochs", "train_layers", "lr", "batch_size"):
+        v = getattr(args, k)
+        if v is not None:
+            setattr(cfg, k, v)
+    progress = not args.no_progress
+    if args.default:
+        if args.texts or args.pairs:
+            raise ValueError("--default uses the built-in corpus; drop --texts/--pairs")
+        asset = args.asset_dir or str(D.default_asset_dir())
+        log = D.distill_default(
+            args.out, asset_dir=asset, max_samples=args.max_samples if args.max_samples is not None else 100, metadata_chars=args.metadata_chars,
+            teacher_rate=args.teacher_rate, config=cfg, progress=progress, labels_cache=args.labels_cache,
+        )
+        print(json.dumps({k: log[k] for k in ("n_train", "n_eval", "epochs", "total_seconds", "teacher_seconds") if k in log}, indent=1))
+        print(f"wrote {asset}", file=sys.stderr)
+        return 0
+    if not args.out and not args.asset_dir:
+        raise ValueError("give --out (save_pretrained directory) and/or --asset-dir, or use --default")
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from ctxzip.models import encoder_path
+
+    tok = AutoTokenizer.from_pretrained(encoder_path(args.base))
+    if args.pairs:
+        recs = D.pair_labels(D.load_pairs(args.pairs), tok)
+    else:
+        if not args.texts:
+            raise ValueError("give --texts FILE..., --pairs FILE or --default")
+        texts = []
+        for f in args.texts:
+            p = Path(f)
+            if not p.is_file():
+                raise FileNotFoundError(f"no such file: {f}")
+            texts.append(p.read_bytes().decode("utf-8"))
+        smp = D.samples(texts, tok)
+        if args.max_samples:
+            smp = smp[: args.max_samples]
+        from ctxzip.prompt.perplexity import PerplexityCompressor
+
+        recs = D.teacher_labels(smp, tok, PerplexityCompressor(model=args.teacher), teacher_rate=args.teacher_rate, soft=not args.hard, progress=progress)
+    if not recs:
+        raise ValueError("no training data (empty inputs?)")
+    ev = recs[::10] if len(recs) >= 10 else []
+    tr = [r for i, r in enumerate(recs) if not (ev and i % 10 == 0)]
+    model, _, log = D.train(tr, base=args.base, config=cfg, eval_records=ev or None, out_dir=args.out, progress=progress)
+    if args.asset_dir:
+        D.export_partial(model, args.asset_dir, log["trained_layers"], meta={"distill_log": log})
+    print(json.dumps({k: log[k] for k in ("n_train", "n_eval", "epochs") if k in log}, indent=1))
+    return 0

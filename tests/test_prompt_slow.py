@@ -1,0 +1,44 @@
+"""Real-model checks (SmolLM2 teacher, shipped MiniLM classifier) on held-out prose."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ctxzip.budget import Budget
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def heldout_text():
+    import pydoc_data.topics as t
+
+    from ctxzip.prompt.distill import holdout_topic_keys
+
+    return t.topics[holdout_topic_keys()[0]][:3000]
+
+
+def test_default_classifier_agrees_with_teacher(heldout_text):
+    """The shipped student ranks held-out words like its teacher (it never saw this text)."""
+    from transformers import AutoTokenizer
+
+    from ctxzip.models import encoder_path
+    from ctxzip.prompt import TokenClassifierCompressor
+    from ctxzip.prompt.distill import teacher_labels
+
+    tok = AutoTokenizer.from_pretrained(encoder_path())
+    rec = teacher_labels([heldout_text], tok, progress=False)[0]
+    ws = TokenClassifierCompressor().score_words(heldout_text)
+    assert len(ws.prob) == len(rec["target"])
+    rho = np.corrcoef(np.argsort(np.argsort(ws.prob)), np.argsort(np.argsort(rec["target"])))[0, 1]
+    assert rho > 0.2
+
+
+def test_real_models_respect_budget(heldout_text):
+    from ctxzip.prompt import PerplexityCompressor, TokenClassifierCompressor
+
+    for c in (TokenClassifierCompressor(), PerplexityCompressor()):
+        r = c.compress(heldout_text, budget=Budget(rate=0.33))
+        assert 0.2 < r.rate <= 0.34
+        assert isinstance(r.ratio, float) and r.ratio > 2.5
