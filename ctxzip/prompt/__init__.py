@@ -2,5 +2,6 @@
 LongLLMLingua), code (LongCodeZip), retrieved documents (RECOMP)."""
 
 from ctxzip.prompt.baselines import RandomDropCompressor, TruncationCompressor
+from ctxzip.prompt.code import CodeCompressor
 
-__all__ = ["RandomDropCompressor", "TruncationCompressor"]
+__all__ = ["CodeCompressor", "RandomDropCompressor", "TruncationCompressor"]
