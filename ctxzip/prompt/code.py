@@ -409,7 +409,14 @@ class CodeCompressor(TextCompressor):
         ami, ppl_q = co["ami"], co["ppl_q"]
         timings["rank"] = time.perf_counter() - t1
 
-        coarse_cap = target if rank_only else min(int(sizes.sum()), int(target / self.fine_ratio))
+        # unit token counts (each line tokenized alone) run a little above the real count of
+        # the joined text: plan in unit tokens, scaled so the plan spends the real budget
+        scale = float(unit_tok.sum()) / max(n_tokens, 1)
+        unit_target = int(target * scale)
+        coarse_cap = (
+            unit_target if rank_only
+            else min(int(sizes.sum()), int(unit_target / self.fine_ratio))
+        )
         order = np.argsort(-ami, kind="stable")  # ties (e.g. no query): file order
         kept_chunks: list[int] = []
         used = 0
@@ -435,7 +442,7 @@ class CodeCompressor(TextCompressor):
             t2 = time.perf_counter()
             blocks_by_chunk, alloc = self._fine(
                 chunks, kept_chunks, sizes, ami, units, unit_tok, safe, hidden, chunk_ids,
-                chunk_starts, q_ids, target, lang, scorer, co["blocks"],
+                chunk_starts, q_ids, unit_target, lang, scorer, co["blocks"],
             )
             for i, blocks in blocks_by_chunk.items():
                 c = chunks[i]
@@ -454,7 +461,7 @@ class CodeCompressor(TextCompressor):
         # ---- render and enforce the budget (markers and headers cost tokens too)
         t3 = time.perf_counter()
         out, dropped = self._render_within(
-            keep, units, unit_tok, chunks, kept_chunks, blocks_by_chunk, ami, target, lang
+            keep, units, unit_tok, chunks, kept_chunks, blocks_by_chunk, ami, target, lang, scale
         )
         timings["render"] = time.perf_counter() - t3
         details["trimmed_after_render"] = dropped
@@ -624,10 +631,47 @@ class CodeCompressor(TextCompressor):
     def _render_within(
         self, keep: np.ndarray, units: list[str], unit_tok: np.ndarray, chunks: list[Chunk],
         kept_chunks: list[int], blocks_by_chunk: dict[int, list[_Block]], ami: np.ndarray,
-        target: int, lang: str,
+        target: int, lang: str, scale: float = 1.0,
     ) -> tuple[str, int]:
         """Render; while over budget, drop the least valuable kept piece (non-forced blocks by
-        value first, then whole chunks by AMI) and render again."""
+        value first, then whole chunks by AMI) and render again. Then, if block granularity and
+        markers left budget unused, add back the best pieces that still fit (blocks of kept
+        chunks by value, then whole dropped chunks by AMI), keeping the addition only if the
+        result stays within budget."""
+        out, dropped = self._drop_until_fits(
+            keep, units, unit_tok, chunks, kept_chunks, blocks_by_chunk, ami, target, lang
+        )
+        if not out:
+            return out, dropped
+        slack = target - self.counter.count(out)
+        cands: list[tuple[int, float, int, int]] = []
+        for i, blk in blocks_by_chunk.items():
+            if keep[chunks[i].start : chunks[i].end].any():
+                cands += [(0, b.value, b.start, b.end) for b in blk if not keep[b.start : b.end].all()]
+        kept_set = {i for i in kept_chunks if keep[chunks[i].start : chunks[i].end].any()}
+        cands += [(1, float(ami[i]), c.start, c.end) for i, c in enumerate(chunks)
+                  if i not in kept_set and i not in blocks_by_chunk and np.isfinite(ami[i])]
+        cands.sort(key=lambda x: (x[0], -x[1], x[2]))
+        trial = keep.copy()
+        added = 0
+        for _, _, a, b in cands:
+            w = int(unit_tok[a:b][~trial[a:b]].sum() / scale) + 1
+            if 0 < w <= slack:
+                trial[a:b] = True
+                slack -= w
+                added += 1
+        if added:
+            out2 = self._render(trial, units, chunks, lang)
+            if self.counter.count(out2) <= target:
+                keep[:] = trial
+                return out2, dropped
+        return out, dropped
+
+    def _drop_until_fits(
+        self, keep: np.ndarray, units: list[str], unit_tok: np.ndarray, chunks: list[Chunk],
+        kept_chunks: list[int], blocks_by_chunk: dict[int, list[_Block]], ami: np.ndarray,
+        target: int, lang: str,
+    ) -> tuple[str, int]:
         victims: list[tuple[int, float, int, int]] = []  # (tier, value, start, end)
         for i in kept_chunks:
             c = chunks[i]
