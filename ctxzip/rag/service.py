@@ -10,7 +10,7 @@
 * endpoints are plain ``def`` functions, so FastAPI runs them in its thread pool and the event
   loop keeps accepting connections while a model works;
 * request bodies above ``max_body_bytes`` get **413** before they are parsed (checked on
-  ``Content-Length`` and while streaming, so a lying or chunked client cannot get around it);
+  ``Content-Length`` and again while reading, so a chunked client cannot get around it);
 * malformed bodies get **422** with a one-line ``error`` message plus pydantic's ``detail``;
 * optional **bearer-token auth** (``token=`` or ``$CTXZIP_TOKEN``) guards ``/v1/compress``;
   ``/healthz`` stays open for load balancers. Tokens are compared in constant time.
@@ -96,10 +96,6 @@ def _models() -> Any:
 
 
 CompressRequest: Any = None  # the pydantic model, built lazily (pydantic is an optional extra)
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 class _Registry:
@@ -214,21 +210,32 @@ def create_app(config: ServiceConfig | None = None) -> Any:
                             return await _too_large(send)
                     except ValueError:
                         return await _send_json(send, 400, {"error": "bad Content-Length"})
+            # read the whole body first (it is small by construction), so an over-long
+            # streamed body is refused before the app sees a byte of it
+            chunks: list[bytes] = []
             seen = 0
-
-            async def counted() -> Any:
-                nonlocal seen
+            while True:
                 msg = await receive()
-                if msg["type"] == "http.request":
-                    seen += len(msg.get("body", b""))
-                    if seen > limit:
-                        raise _BodyTooLarge
-                return msg
+                if msg["type"] != "http.request":
+                    return  # client went away
+                body = msg.get("body", b"")
+                seen += len(body)
+                if seen > limit:
+                    return await _too_large(send)
+                chunks.append(body)
+                if not msg.get("more_body", False):
+                    break
+            data = b"".join(chunks)
+            sent = False
 
-            try:
-                await self.app(scope, counted, send)
-            except _BodyTooLarge:
-                await _too_large(send)
+            async def replay() -> Any:
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": data, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, send)
 
     async def _send_json(send: Any, status: int, body: dict) -> None:
         import json
@@ -256,6 +263,18 @@ def create_app(config: ServiceConfig | None = None) -> Any:
                   for e in errs]
         return JSONResponse(status_code=422, content={
             "error": f"{loc}: {msg}" if loc else msg, "detail": detail})
+
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI answers 400 to a body it cannot decode (e.g. not UTF-8); that is a malformed
+        # body like any other, so it gets the same 422 as a schema error.
+        status = 422 if exc.status_code == 400 else exc.status_code
+        with stats_lock:
+            stats["errors"] += 1
+        return JSONResponse(status_code=status, content={"error": str(exc.detail)},
+                            headers=getattr(exc, "headers", None))
 
     def _auth(request: Request) -> JSONResponse | None:
         if not cfg.token:
