@@ -50,7 +50,9 @@ def register(sub: Any) -> None:
     q.add_argument("--lm", default=None, help="target LM giving the teacher signal "
                    "(default SmolLM2-135M-Instruct)")
     q.add_argument("--max-docs", type=int, default=None, help="cap the training documents")
-    q.add_argument("--max-per-doc", type=int, default=4, help="cases cut per document")
+    q.add_argument("--max-per-doc", type=int, default=1, help="cases cut per document")
+    q.add_argument("--max-sentences", type=int, default=12,
+                   help="candidate sentences labelled by the teacher LM per case")
     q.add_argument("--epochs", type=int, default=2)
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--lr", type=float, default=2e-5)
@@ -185,7 +187,8 @@ def _train(args: argparse.Namespace) -> int:
           f"(sources never trained on)", file=sys.stderr)
     index = index_documents(docs, encoder=args.encoder, progress=True)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      budget=args.budget, max_per_doc=args.max_per_doc)
+                      budget=args.budget, max_per_doc=args.max_per_doc,
+                      max_sentences=args.max_sentences)
     report = train_extractive(train, index, args.out, encoder=args.encoder, lm=args.lm,
                               config=cfg)
     report["held_out_doc_ids"] = sorted(d.id for d in test)

@@ -137,9 +137,9 @@ def lm_examples(
     index: PassageIndex,
     tokenizer: Any,
     *,
-    prefix_tokens: int = 128,
-    continuation_tokens: int = 64,
-    query_tokens: int = 64,
+    prefix_tokens: int = 96,
+    continuation_tokens: int = 32,
+    query_tokens: int = 32,
     stride: int = 256,
     max_per_doc: int = 4,
     k: int = 5,
@@ -170,14 +170,23 @@ def lm_examples(
 
 
 def label_examples(examples: Sequence[LMExample], scorer: ContinuationScorer, *,
-                   max_sentences: int = 40, progress: bool = True) -> None:
-    """Fill ``sentences``, ``gains`` (``NLL_none - NLL_with_sentence``) and ``nll_none``."""
+                   max_sentences: int = 12, ranker: Any = None, progress: bool = True) -> None:
+    """Fill ``sentences``, ``gains`` (``NLL_none - NLL_with_sentence``) and ``nll_none``.
+
+    Candidates are the sentences of the retrieved passages; with a ``ranker`` (an
+    :class:`ExtractiveCompressor`) only its top ``max_sentences`` are labelled (the teacher LM is
+    the expensive part), else the first ``max_sentences``.
+    """
     from tqdm.auto import tqdm
 
     for ex in tqdm(examples, desc="labelling sentences", disable=not progress):
         sents: list[str] = []
         for p in ex.passages:
             sents.extend(s.text for s in split_sentences(p))
+        if ranker is not None and len(sents) > max_sentences:
+            sc = ranker.score(ex.query, sents)
+            keep = sorted(np.argsort(-sc, kind="stable")[:max_sentences].tolist())
+            sents = [sents[i] for i in keep]
         ex.sentences = sents[:max_sentences]
         nll = scorer.nll([None, *ex.sentences], ex.prefix, ex.continuation)
         ex.nll_none = float(nll[0])
@@ -286,9 +295,11 @@ class TrainConfig:
 
     Args:
         k: passages retrieved per case (RECOMP: 5).
-        prefix_tokens / continuation_tokens / query_tokens: case geometry in target-LM tokens.
+        prefix_tokens / continuation_tokens / query_tokens: case geometry in target-LM tokens
+            (In-Context RALM / RECOMP LM: the last 32 prefix tokens are the retrieval query and
+            32-token chunks are predicted).
         stride / max_per_doc: where and how many cases are cut from each document.
-        max_sentences: candidate sentences labelled per case.
+        max_sentences: candidate sentences labelled per case (the starting encoder's top ones).
         num_negatives: hard negatives per positive (RECOMP reference default 5).
         epochs / batch_size / lr / warmup_ratio / scale: encoder training.
         budget: the budget used when calibrating the selective threshold.
@@ -297,12 +308,12 @@ class TrainConfig:
     """
 
     k: int = 5
-    prefix_tokens: int = 128
-    continuation_tokens: int = 64
-    query_tokens: int = 64
+    prefix_tokens: int = 96
+    continuation_tokens: int = 32
+    query_tokens: int = 32
     stride: int = 256
-    max_per_doc: int = 4
-    max_sentences: int = 40
+    max_per_doc: int = 1
+    max_sentences: int = 12
     num_negatives: int = 5
     epochs: int = 2
     batch_size: int = 32
@@ -346,12 +357,12 @@ def train_extractive(
     dev_ex = lm_examples(dev_docs, index, scorer.tokenizer, **geo)
     if not train_ex:
         raise ValueError("no training cases: documents are shorter than prefix + continuation")
-    label_examples(train_ex, scorer, max_sentences=cfg.max_sentences, progress=progress)
-    t_label = time.perf_counter() - t0
-
     base = load_encoder(encoder)
     model = copy.deepcopy(base)  # never train the memoised shared encoder in place
     comp0 = ExtractiveCompressor(encoder=model)
+    label_examples(train_ex, scorer, max_sentences=cfg.max_sentences, ranker=comp0,
+                   progress=progress)
+    t_label = time.perf_counter() - t0
     enc_scores = [comp0.score(ex.query, ex.sentences) for ex in train_ex]
     triplets = make_triplets(train_ex, enc_scores, num_negatives=cfg.num_negatives)
     stats = train_encoder(model, triplets, epochs=cfg.epochs, batch_size=cfg.batch_size,
