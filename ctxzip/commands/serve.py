@@ -38,7 +38,7 @@ def _run(args: argparse.Namespace) -> int:
         with open(args.token_file, encoding="utf-8") as f:
             token = f.read().strip() or None
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    preload = tuple(m.strip() for m in args.preload.split(",") if m.strip() and m in methods)
+    preload = tuple(m for m in (x.strip() for x in args.preload.split(",")) if m in methods)
     cfg = ServiceConfig(token=token, max_body_bytes=args.max_body,
                         max_documents=args.max_documents, encoder=args.encoder,
                         abstractive_model=args.abstractive_model, methods=methods,
