@@ -83,9 +83,9 @@ def baseline_select(passages: list[str], budget: Budget, tok, how: str, seed: in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="4 cases, 2 abstractive, rate 0.2")
-    ap.add_argument("--cases", type=int, default=24)
-    ap.add_argument("--abstractive-cases", type=int, default=8)
-    ap.add_argument("--rates", default="0.1,0.2,0.3")
+    ap.add_argument("--cases", type=int, default=12)
+    ap.add_argument("--abstractive-cases", type=int, default=4)
+    ap.add_argument("--rates", default="0.1,0.2")
     ap.add_argument("--lm", default=None, help="target LM (default SmolLM2-135M-Instruct)")
     ap.add_argument("--model-dir", default=None,
                     help="trained extractive compressor (default: <ctxzip cache>/"
@@ -178,11 +178,10 @@ def main() -> None:
             while not (mdir / "train_report.json").is_file():
                 time.sleep(20)
         else:
-            cmd = [sys.executable, "-m", "ctxzip", "rag", "train-extractive", "--out", str(mdir)]
-            if args.quick:
-                cmd += ["--max-docs", "10", "--epochs", "1"]
-            else:
-                cmd += ["--max-docs", "60", "--epochs", "2", "--batch-size", "16"]
+            cmd = [sys.executable, "-m", "ctxzip", "rag", "train-extractive", "--out", str(mdir),
+                   "--index", str(ix_dir), "--max-sentences", "8", "--batch-size", "16"]
+            cmd += ["--max-docs", "10", "--epochs", "1"] if args.quick else [
+                "--max-docs", "25", "--epochs", "3"]
             print("training:", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     report = json.loads((mdir / "train_report.json").read_text())

@@ -145,7 +145,7 @@ def test_empty_and_huge_inputs(comp):
     r = comp.compress("single string document. Another sentence here.", query="another",
                       budget=Budget(tokens=4))
     assert r.text == "Another sentence here."
-    huge = ["Sentence number %d talks about loops and lists. " % i * 3 for i in range(400)]
+    huge = [f"Sentence number {i} talks about loops and lists. " * 3 for i in range(400)]
     r = comp.compress(huge, query="lists", budget=0.05)
     assert r.details["n_sentences"] == 1200 and r.rate <= 0.05 + 1e-9
 

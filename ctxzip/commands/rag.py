@@ -46,6 +46,9 @@ def register(sub: Any) -> None:
                    help="fraction of sources (topics/files) held out for testing and never "
                    "trained on (default 0.3; the split is recorded in train_report.json)")
     q.add_argument("--split-seed", type=int, default=0)
+    q.add_argument("--index", default=None, help="reuse a saved passage index of the whole "
+                   "corpus (ctxzip rag index; passages need metadata doc_id) instead of "
+                   "embedding it again")
     q.add_argument("--encoder", default=None, help="encoder to start from (default MiniLM)")
     q.add_argument("--lm", default=None, help="target LM giving the teacher signal "
                    "(default SmolLM2-135M-Instruct)")
@@ -185,7 +188,12 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError("no training documents after the split")
     print(f"corpus: {len(docs)} documents; training on {len(train)}, holding out {len(test)} "
           f"(sources never trained on)", file=sys.stderr)
-    index = index_documents(docs, encoder=args.encoder, progress=True)
+    if args.index:
+        from ctxzip.rag.index import PassageIndex
+
+        index = PassageIndex.load(args.index)
+    else:
+        index = index_documents(docs, encoder=args.encoder, progress=True)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       budget=args.budget, max_per_doc=args.max_per_doc,
                       max_sentences=args.max_sentences)

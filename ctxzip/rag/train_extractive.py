@@ -150,15 +150,12 @@ def lm_examples(
     cases: list[LMExample] = []
     for d in documents:
         ids = list(tokenizer(d.text, add_special_tokens=False)["input_ids"])
-        n = 0
-        for a in range(0, len(ids) - prefix_tokens - continuation_tokens + 1, stride):
-            if n >= max_per_doc:
-                break
+        starts = range(0, len(ids) - prefix_tokens - continuation_tokens + 1, stride)
+        for a in list(starts)[:max_per_doc]:
             pre = ids[a: a + prefix_tokens]
             cont = ids[a + prefix_tokens: a + prefix_tokens + continuation_tokens]
             cases.append(LMExample(d.id, tokenizer.decode(pre), tokenizer.decode(cont),
                                    tokenizer.decode(pre[-query_tokens:])))
-            n += 1
     if not cases:
         return cases
     preds = [(lambda p, did=c.doc_id: p.metadata.get(exclude_key) == did) for c in cases]
