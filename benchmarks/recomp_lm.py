@@ -92,6 +92,8 @@ def main() -> None:
                          "recomp-extractive-pydoc; trained with the CLI when missing)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--out", default=str(RESULTS / "recomp_lm.json"))
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse finished phases from <out>.partial.json (same settings)")
     args = ap.parse_args()
     if args.quick:
         args.cases, args.abstractive_cases, args.rates = 4, 2, "0.2"
@@ -133,6 +135,14 @@ def main() -> None:
         return len(ev.encode(text)) if text else 0
 
     rows: dict[str, list[dict]] = {}
+    partial = Path(args.out).with_suffix(".partial.json")
+    if args.resume and partial.is_file():
+        rows = json.loads(partial.read_text())
+        print(f"resuming: {sorted(rows)}", flush=True)
+
+    def checkpoint() -> None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(rows))
 
     def record(method: str, i: int, ex, context: str, extra: dict | None = None) -> None:
         rows.setdefault(method, []).append({
@@ -140,7 +150,7 @@ def main() -> None:
 
     base = ExtractiveCompressor(tokenizer=tok)
     t0 = time.perf_counter()
-    for i, ex in enumerate(cases):
+    for i, ex in enumerate(cases if "full" not in rows else []):
         full = "\n\n".join(ex.passages)
         record("none", i, ex, "")
         record("full", i, ex, full)
@@ -153,13 +163,15 @@ def main() -> None:
                    baseline_select(ex.passages, b, tok, "random", i))
         print(f"  case {i + 1}/{len(cases)} ({time.perf_counter() - t0:.0f} s)", flush=True)
     t_base = time.perf_counter() - t0
+    checkpoint()
 
     # abstractive: one generation per case; the relevance gate is evaluated on the same output
     absc = AbstractiveCompressor(model=model, generation_tokenizer=tok, tokenizer=tok,
                                  relevance_threshold=None, max_input_tokens=1024)
     t0 = time.perf_counter()
     r_abs = 0.2
-    for i, ex in enumerate(cases[: args.abstractive_cases]):
+    done_abs = f"abstractive@{r_abs}" in rows
+    for i, ex in enumerate(cases[: args.abstractive_cases] if not done_abs else []):
         res = absc.compress(ex.passages, query=ex.query, budget=Budget(rate=r_abs))
         p_yes = absc.relevance(ex.query, ex.passages)
         record(f"abstractive@{r_abs}", i, ex, res.text, {"relevance": p_yes})
@@ -168,6 +180,7 @@ def main() -> None:
         print(f"  abstractive {i + 1}/{args.abstractive_cases} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     t_abs = time.perf_counter() - t0
+    checkpoint()
 
     # trained extractive (wait for / run the training)
     mdir = Path(args.model_dir) if args.model_dir else cache_dir() / "recomp-extractive-pydoc"
@@ -192,6 +205,8 @@ def main() -> None:
     trained = ExtractiveCompressor.from_pretrained(mdir, tokenizer=tok, threshold=None)
     selective = ExtractiveCompressor.from_pretrained(mdir, tokenizer=tok)
     t0 = time.perf_counter()
+    for k in [m for m in rows if m.startswith("extractive-trained")]:
+        del rows[k]
     for i, ex in enumerate(cases):
         for r in rates:
             record(f"extractive-trained@{r}", i, ex,
@@ -200,6 +215,7 @@ def main() -> None:
         record("extractive-trained+selective@0.2", i, ex, res.text,
                {"empty": res.details["selective_empty"]})
     t_trained = time.perf_counter() - t0
+    checkpoint()
 
     # ------------------------------------------------------------------ summary
     none = {r["case"]: r["nll"] for r in rows["none"]}

@@ -182,3 +182,16 @@ def test_minilm_ranks_the_relevant_sentence_first():
     assert "optimization is requested" in r.text
     assert r.details["documents"][0]["kept_sentences"]
     assert 0 < r.rate < 0.1
+
+
+def test_pickle_drops_named_model_only():
+    import pickle
+
+    from ctxzip.prompt import AbstractiveCompressor
+
+    c = ExtractiveCompressor(encoder="all-minilm-l6-v2", threshold=0.3, unit="sentences")
+    c._model = object()  # pretend it was loaded
+    c2 = pickle.loads(pickle.dumps(c))
+    assert c2._model is None and c2.threshold == 0.3 and c2.unit == "sentences"
+    a = pickle.loads(pickle.dumps(AbstractiveCompressor(relevance_threshold=0.7)))
+    assert a.relevance_threshold == 0.7 and a._lm is None and a._load_lock is not None

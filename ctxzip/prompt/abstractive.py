@@ -105,6 +105,19 @@ class AbstractiveCompressor(TextCompressor):
             self._lm = self.model
         self._load_lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # picklable for process pools: a model named by id/path is reloaded lazily
+        state = dict(self.__dict__)
+        state.pop("_load_lock", None)
+        if isinstance(self.model, (str, Path, type(None))):
+            state["_lm"] = None
+            state["_gen_tok"] = self.generation_tokenizer
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._load_lock = threading.Lock()
+
     # ------------------------------------------------------------------ model
     def _load(self) -> tuple[Any, Any]:
         with self._load_lock:

@@ -228,6 +228,13 @@ class ExtractiveCompressor(TextCompressor):
         super().__init__(self.tokenizer)
         self._model: Any = None if isinstance(self.encoder, (str, Path, type(None))) else self.encoder
 
+    def __getstate__(self) -> dict[str, Any]:
+        # picklable for process pools: a model named by id/path is reloaded lazily
+        state = dict(self.__dict__)
+        if isinstance(self.encoder, (str, Path, type(None))):
+            state["_model"] = None
+        return state
+
     # ------------------------------------------------------------------ model
     @property
     def model(self) -> Any:
