@@ -260,7 +260,8 @@ def main() -> None:
         "setup": {
             "corpus": "pydoc_data.topics via ctxzip.eval.prose_documents(min_chars=1500, "
                       "max_chars=4000)", "passages": len(index), "passage_words": 100,
-            "retrieved_k": 5, "prefix_tokens": 96, "continuation_tokens": 32,
+            "retrieved_k": 5, "dedup": "passages sharing an 8-word n-gram with the test document "
+                                     "are never retrieved", "prefix_tokens": 96, "continuation_tokens": 32,
             "query_tokens": 32, "test_documents": len(test_docs), "cases": len(cases),
             "abstractive_cases": min(args.abstractive_cases, len(cases)),
             "target_lm": args.lm or "SmolLM2-135M-Instruct",

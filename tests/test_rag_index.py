@@ -75,3 +75,30 @@ def test_pipeline_retrieve_compress_prompt():
     assert RAGPipeline(idx, sel).run("loop", budget=0.3).prompt == "loop"
     with pytest.raises(ValueError):
         RAGPipeline(idx, comp, template="no slots")
+
+
+def test_lm_examples_never_retrieve_own_document_or_copies():
+    from types import SimpleNamespace
+
+    from ctxzip.rag.train_extractive import lm_examples, make_triplets
+
+    a = " ".join(f"alpha{i} beta{i % 7}" for i in range(119))  # B: 240 words, 6 chunks
+    docs = [SimpleNamespace(id="A", text=a), SimpleNamespace(id="B", text="intro words " + a),
+            SimpleNamespace(id="C", text=" ".join(f"alpha{i} gamma" for i in range(120)))]
+    idx = index_documents(docs, words=40, encoder=HashEncoder())
+    tok = minilm_tokenizer()
+    cases = lm_examples(docs[:1], idx, tok, prefix_tokens=32, continuation_tokens=8,
+                        query_tokens=8, k=2)
+    assert cases
+    for c in cases:
+        assert c.passage_ids and all(pid.startswith("C#") for pid in c.passage_ids)
+    leaky = lm_examples(docs[:1], idx, tok, prefix_tokens=32, continuation_tokens=8,
+                        query_tokens=8, k=2, dedup_ngram=None)
+    assert any(pid.startswith("B#") for c in leaky for pid in c.passage_ids)
+    # triplets: positive = best positive-gain sentence, negatives score lower
+    c = cases[0]
+    c.sentences, c.gains = ["s0", "s1", "s2", "s3"], [0.1, 0.5, -0.2, 0.3]
+    trip = make_triplets([c], [[0.9, 0.1, 0.8, 0.2]], num_negatives=2)
+    assert trip == [(c.query, "s1", "s0"), (c.query, "s1", "s2")]
+    c.gains = [-0.1, -0.2, -0.3, -0.4]
+    assert make_triplets([c], [[0.9, 0.1, 0.8, 0.2]]) == []

@@ -144,9 +144,14 @@ def lm_examples(
     max_per_doc: int = 4,
     k: int = 5,
     exclude_key: str = "doc_id",
+    dedup_ngram: int | None = 8,
 ) -> list[LMExample]:
     """Cut LM cases from ``documents`` (objects with ``.id`` and ``.text``) and retrieve the
-    top-``k`` passages whose ``metadata[exclude_key]`` differs from the case's document."""
+    top-``k`` passages of *other* documents: ``metadata[exclude_key]`` differs from the case's
+    document and (``dedup_ngram``) the passage shares no word ``n``-gram with it. The second
+    rule matters on real corpora with verbatim copies - ``pydoc_data.topics`` repeats e.g. the
+    "while", "for" and "if" topics inside "compound" - where retrieval would otherwise hand the
+    LM its own continuation."""
     cases: list[LMExample] = []
     for d in documents:
         ids = list(tokenizer(d.text, add_special_tokens=False)["input_ids"])
@@ -158,12 +163,30 @@ def lm_examples(
                                    tokenizer.decode(pre[-query_tokens:])))
     if not cases:
         return cases
-    preds = [(lambda p, did=c.doc_id: p.metadata.get(exclude_key) == did) for c in cases]
+    shingles: dict[str, set[str]] = {}
+    if dedup_ngram:
+        for d in documents:
+            shingles[d.id] = _shingles(d.text, dedup_ngram)
+        pas = {p.id: _shingles(p.text, dedup_ngram) for p in index.passages}
+
+    def pred(p: Any, did: str) -> bool:
+        if p.metadata.get(exclude_key) == did:
+            return True
+        return bool(dedup_ngram) and not shingles[did].isdisjoint(pas[p.id])
+
+    preds = [(lambda p, did=c.doc_id: pred(p, did)) for c in cases]
     hits = index.search([c.query for c in cases], k, exclude=preds)
     for c, hs in zip(cases, hits):
         c.passages = [h.passage.text for h in hs]
         c.passage_ids = [h.passage.id for h in hs]
     return cases
+
+
+def _shingles(text: str, n: int) -> set[str]:
+    import re
+
+    w = re.findall(r"\S+", text)
+    return {" ".join(w[i: i + n]) for i in range(max(0, len(w) - n + 1))}
 
 
 def label_examples(examples: Sequence[LMExample], scorer: ContinuationScorer, *,
