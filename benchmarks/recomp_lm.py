@@ -194,7 +194,7 @@ def main() -> None:
             cmd = [sys.executable, "-m", "ctxzip", "rag", "train-extractive", "--out", str(mdir),
                    "--index", str(ix_dir), "--max-sentences", "8", "--batch-size", "16"]
             cmd += ["--max-docs", "10", "--epochs", "1"] if args.quick else [
-                "--max-docs", "25", "--epochs", "3"]
+                "--max-docs", "15", "--epochs", "3"]
             print("training:", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     report = json.loads((mdir / "train_report.json").read_text())

@@ -129,7 +129,11 @@ def main() -> None:
         hwm = rss_mb(proc.pid, "VmHWM")
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
     lat = np.array([t for _, _, t in res])
     fails = [c for ok, c, _ in res if not ok]
