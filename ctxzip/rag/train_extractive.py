@@ -270,14 +270,14 @@ def train_encoder(model: Any, triplets: Sequence[tuple[str, str, str]], *, epoch
             feats = []
             for col in range(3):
                 f = model.tokenize([t[col] for t in batch])
-                feats.append({k: v.to(dev) for k, v in f.items()})
+                feats.append({k: (v.to(dev) if hasattr(v, "to") else v) for k, v in f.items()})
             loss = loss_fn(feats, None)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
@@ -380,8 +380,19 @@ def train_extractive(
     base = load_encoder(encoder)
     model = copy.deepcopy(base)  # never train the memoised shared encoder in place
     comp0 = ExtractiveCompressor(encoder=model)
-    label_examples(train_ex, scorer, max_sentences=cfg.max_sentences, ranker=comp0,
-                   progress=progress)
+    out = Path(output_dir).expanduser()
+    cache = out / "labels.json"  # teacher labels are the expensive part: keep them
+    key = {"config": asdict(cfg), "cases": [[e.doc_id, e.prefix] for e in train_ex]}
+    if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
+        for e, d in zip(train_ex, json.loads(cache.read_text())["examples"]):
+            e.sentences, e.gains, e.nll_none = d["sentences"], d["gains"], d["nll_none"]
+    else:
+        label_examples(train_ex, scorer, max_sentences=cfg.max_sentences, ranker=comp0,
+                       progress=progress)
+        out.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"key": key, "examples": [
+            {"doc_id": e.doc_id, "query": e.query, "sentences": e.sentences, "gains": e.gains,
+             "nll_none": e.nll_none} for e in train_ex]}))
     t_label = time.perf_counter() - t0
     enc_scores = [comp0.score(ex.query, ex.sentences) for ex in train_ex]
     triplets = make_triplets(train_ex, enc_scores, num_negatives=cfg.num_negatives)
@@ -399,7 +410,6 @@ def train_extractive(
         gains.append(float(nll[0] - nll[1]))
     threshold = calibrate_threshold(best, gains) if dev_ex else None
     comp.threshold = threshold
-    out = Path(output_dir).expanduser()
     report = {
         "config": asdict(cfg),
         "train_documents": len(train_docs),
