@@ -1,0 +1,321 @@
+"""ZIP-FIT speed, memory and exactness vs the reference implementation, side by side.
+
+Data (real, local, deterministic; see _datasel_data.py): source = CPython stdlib .py files cut
+into ~2,000-char chunks (~15k), target = 100 chunks of held-out stdlib test files.
+
+Runs, each in its own subprocess (peak memory = summed PSS of the process tree, sampled):
+- ``reference``: stair-lab/ZIP-FIT ``zip_fit/zipfit.py`` run from its source tree (``--ref``),
+  ``ZIPFIT(..., compression_algorithm="gzip", compress_level=6).rank_sequences_by_alignment``
+  (its own Pool(cpu_count()) parallelism);
+- ``exact``: ctxzip ``select()`` over the JSONL file with ``ZipFit(codec="gzip", level=6)``,
+  1 process and ``--workers`` processes;
+- ``fast``: the same with faster codecs; the fastest one with >= 90% top-1,000 overlap with
+  exact mode is reported as fast mode;
+- memory growth: exact mode (10 targets) on the corpus and on the corpus x4.
+Plus, in this process: CPU per (doc, target) pair of ctxzip's exact loop vs a bare
+``gzip.compress(x + t, 6)`` loop on the same pairs.
+
+    python benchmarks/zipfit_speed.py [--quick] [--ref /work/ref/ZIP-FIT] [--workers 2]
+
+Writes benchmarks/results/zipfit_speed[_quick].json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+import _datasel_data as data  # noqa: E402
+
+FAST_CANDIDATES = ["isal-0", "lz4-0", "isal-1", "zlib-ng-1", "zstd-1", "gzip-1"]
+
+
+# ------------------------------------------------------------------------------ children
+def _cpu() -> float:
+    s = resource.getrusage(resource.RUSAGE_SELF)
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def child_ours(a: argparse.Namespace) -> dict:
+    from ctxzip.datasel import ZipFit, select
+    from ctxzip.datasel.io import iter_records
+
+    targets = [r.text for r in iter_records(a.target)][: a.n_targets]
+    scorer = ZipFit(targets, codec=a.codec)
+    out = tempfile.mkdtemp(prefix="zf_out_")
+    t0, c0 = time.perf_counter(), _cpu()
+    summ = select(a.source, scorer, out, keep=1000, workers=a.workers, shard_size=a.shard_size,
+                  progress=False, write_rejected=False)
+    wall, cpu = time.perf_counter() - t0, _cpu() - c0
+    scores = []
+    for f in sorted(Path(out, "scores").glob("*.jsonl")):
+        with open(f) as fh:
+            scores.extend(json.loads(line)["score"] for line in fh)
+    np.save(a.save, np.asarray(scores))
+    shutil.rmtree(out)
+    return {"wall_s": wall, "cpu_s": cpu, "docs": summ.records, "targets": len(targets),
+            "seconds": summ.seconds}
+
+
+def child_ref(a: argparse.Namespace) -> dict:
+    sys.path.insert(0, a.ref)
+    from zip_fit.zipfit import ZIPFIT  # the reference, from its source tree
+
+    z = ZIPFIT(a.source, a.target, k=10**9, output_file=os.devnull,
+               compression_algorithm="gzip", compress_level=6)
+    src = z.load_and_process_datasets(a.source, None, None)
+    tgt = z.load_and_process_datasets(a.target, None, None)[: a.n_targets]
+    t0, c0 = time.perf_counter(), _cpu()
+    top = z.rank_sequences_by_alignment(src, tgt)
+    wall, cpu = time.perf_counter() - t0, _cpu() - c0
+    by_text = {t: s for t, s in top}
+    np.save(a.save, np.asarray([by_text[t] for t in src]))
+    return {"wall_s": wall, "cpu_s": cpu, "docs": len(src), "targets": len(tgt)}
+
+
+# ------------------------------------------------------------------------------- parent
+def _tree_pss(proc) -> int:
+    import psutil
+
+    total = 0
+    try:
+        procs = [proc] + proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    for p in procs:
+        try:
+            total += p.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def run_child(args: list[str], label: str) -> dict:
+    import psutil
+
+    load = os.getloadavg()[0]
+    proc = subprocess.Popen([sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    ps = psutil.Process(proc.pid)
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _tree_pss(ps))
+            stop.wait(0.1)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, _ = proc.communicate()
+    stop.set()
+    th.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{label} failed (exit {proc.returncode})")
+    res = json.loads(out.decode().strip().splitlines()[-1])
+    res.update(label=label, peak_pss_mb=peak[0] / 2**20, load_avg_1m=load)
+    res["docs_per_s"] = res["docs"] / res["wall_s"]
+    res["cpu_us_per_pair"] = res["cpu_s"] / (res["docs"] * res["targets"]) * 1e6
+    print(f"  {label:28s} {res['docs_per_s']:8.1f} docs/s  {res['cpu_us_per_pair']:6.1f} us CPU/pair"
+          f"  peak {res['peak_pss_mb']:7.1f} MB  (load {load:.1f})", flush=True)
+    return res
+
+
+def bare_vs_ours(targets: list[str], docs: list[str], repeats: int = 3) -> dict:
+    """CPU per pair: bare gzip.compress(x+t, 6) vs ctxzip's exact loop, alternating."""
+    from ctxzip.datasel import ZipFit
+
+    z = ZipFit(targets, codec="gzip", level=6)
+    tb = [t.encode() for t in targets]
+    pairs = len(docs) * len(targets)
+    bare, ours = [], []
+    for _ in range(repeats):
+        c0 = time.process_time()
+        for d in docs:
+            xb = d.encode()
+            for t in tb:
+                gzip.compress(xb + t, compresslevel=6)
+        bare.append((time.process_time() - c0) / pairs * 1e6)
+        c0 = time.process_time()
+        z.score_texts(docs)
+        ours.append((time.process_time() - c0) / pairs * 1e6)
+    return {"pairs": pairs, "bare_gzip_us_per_pair": statistics.median(bare),
+            "ctxzip_exact_us_per_pair": statistics.median(ours),
+            "ratio_ours_over_bare": statistics.median(ours) / statistics.median(bare),
+            "all_bare": bare, "all_ours": ours}
+
+
+def top_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    from ctxzip.budget import topk_indices
+
+    k = min(k, a.shape[0])
+    return len(set(topk_indices(a, k).tolist()) & set(topk_indices(b, k).tolist())) / k
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1,500 docs, 20 targets")
+    ap.add_argument("--ref", default="/work/ref/ZIP-FIT",
+                    help="path of the reference ZIP-FIT source tree (skipped if absent)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--child", choices=["ours", "ref"])
+    ap.add_argument("--source")
+    ap.add_argument("--target")
+    ap.add_argument("--codec", default="gzip-6")
+    ap.add_argument("--n-targets", type=int, default=100)
+    ap.add_argument("--shard-size", type=int, default=500)
+    ap.add_argument("--save")
+    a = ap.parse_args()
+    if a.child:
+        res = child_ours(a) if a.child == "ours" else child_ref(a)
+        print(json.dumps(res))
+        return
+
+    n_targets = 20 if a.quick else 100
+    source, targets = data.build(n_targets=100, max_source=1500 if a.quick else None)
+    targets = targets[:n_targets]
+    work = Path(tempfile.mkdtemp(prefix="zipfit_bench_"))
+    src, tgt = work / "source.jsonl", work / "target.jsonl"
+    data.write_jsonl(src, source)
+    data.write_jsonl(tgt, targets)
+    src4 = work / "source_x4.jsonl"
+    data.write_jsonl(src4, [{"id": f"{r['id']}@{k}", "text": r["text"]}
+                            for k in range(4) for r in source])
+    W = a.workers
+    print(f"data: {len(source)} source chunks, {len(targets)} targets; workers={W}", flush=True)
+    common = ["--source", str(src), "--target", str(tgt), "--n-targets", str(n_targets)]
+    results: dict = {"machine": data.machine(), "quick": a.quick, "workers": W,
+                     "data": {"source_docs": len(source), "targets": len(targets),
+                              "chunk_chars": data.CHUNK_CHARS,
+                              "source_chars": sum(len(r["text"]) for r in source)}}
+
+    print("CPU per pair, bare gzip.compress vs ctxzip exact (same pairs, in-process):")
+    sub = [r["text"] for r in source[:: max(1, len(source) // 150)]][:150]
+    results["cpu_per_pair"] = bare_vs_ours([t["text"] for t in targets], sub)
+    print("  ", {k: round(v, 3) for k, v in results["cpu_per_pair"].items()
+                 if not k.startswith("all")}, flush=True)
+
+    runs: dict[str, dict] = {}
+    scores: dict[str, np.ndarray] = {}
+
+    def ours(label: str, codec: str, workers: int, source_path: Path = src,
+             n_t: int = n_targets) -> None:
+        save = work / f"{label}.npy"
+        args = ["ours", "--source", str(source_path), "--target", str(tgt),
+                "--n-targets", str(n_t), "--codec", codec, "--workers", str(workers),
+                "--save", str(save)]
+        runs[label] = run_child(args, label)
+        runs[label].update(codec=codec, workers=workers)
+        scores[label] = np.load(save)
+
+    print("runs:", flush=True)
+    ref_ok = (Path(a.ref) / "zip_fit" / "zipfit.py").is_file()
+    if ref_ok:
+        save = work / "reference.npy"
+        runs["reference"] = run_child(["ref", *common, "--ref", a.ref, "--save", str(save)],
+                                      "reference gzip-6")
+        runs["reference"].update(codec="gzip-6", workers=os.cpu_count())
+        scores["reference"] = np.load(save)
+    else:
+        print(f"  reference ZIP-FIT not found at {a.ref}: skipping the reference runs "
+              "(fetch stair-lab/ZIP-FIT and pass --ref PATH)", flush=True)
+        results["reference_skipped"] = f"not found at {a.ref}"
+    ours("exact_1proc", "gzip-6", 1)
+    ours(f"exact_{W}proc", "gzip-6", W)
+    for c in FAST_CANDIDATES[:2] if a.quick else FAST_CANDIDATES:
+        ours(f"fast_{c}", c, W)
+    ours("mem_x1_10targets", "gzip-6", W, src, 10)
+    ours("mem_x4_10targets", "gzip-6", W, src4, 10)
+
+    exact = scores[f"exact_{W}proc"]
+    k = 1000 if not a.quick else 150
+    results["runs"] = runs
+    summary: dict = {}
+    summary["exact_1proc_vs_Wproc_identical"] = bool(np.array_equal(exact, scores["exact_1proc"]))
+    if ref_ok:
+        ref = scores["reference"]
+        summary["exact_vs_reference"] = {
+            "bit_identical_fraction": float(np.mean(exact == ref)),
+            "max_abs_diff": float(np.max(np.abs(exact - ref))),
+            f"top{k}_overlap": top_overlap(exact, ref, k),
+        }
+        rr = runs["reference"]
+        summary["exact_speed_vs_reference"] = runs[f"exact_{W}proc"]["docs_per_s"] / rr["docs_per_s"]
+        summary["exact_peak_memory_fraction_of_reference"] = (
+            runs[f"exact_{W}proc"]["peak_pss_mb"] / rr["peak_pss_mb"])
+    summary["exact_parallel_speedup"] = (runs[f"exact_{W}proc"]["docs_per_s"]
+                                         / runs["exact_1proc"]["docs_per_s"])
+    summary["exact_cpu_per_pair_over_bare_gzip"] = results["cpu_per_pair"]["ratio_ours_over_bare"]
+    summary["exact_Wproc_cpu_per_pair_over_1proc"] = (runs[f"exact_{W}proc"]["cpu_us_per_pair"]
+                                                      / runs["exact_1proc"]["cpu_us_per_pair"])
+    summary["memory_x4_over_x1"] = (runs["mem_x4_10targets"]["peak_pss_mb"]
+                                    / runs["mem_x1_10targets"]["peak_pss_mb"])
+    fast = {}
+    for c in FAST_CANDIDATES:
+        lab = f"fast_{c}"
+        if lab not in runs:
+            continue
+        fast[c] = {"docs_per_s": runs[lab]["docs_per_s"],
+                   "cpu_us_per_pair": runs[lab]["cpu_us_per_pair"],
+                   f"top{k}_overlap_with_exact": top_overlap(scores[lab], exact, k),
+                   "speed_vs_exact": runs[lab]["docs_per_s"] / runs[f"exact_{W}proc"]["docs_per_s"]}
+        if ref_ok:
+            fast[c]["speed_vs_reference"] = runs[lab]["docs_per_s"] / runs["reference"]["docs_per_s"]
+    summary["fast_candidates"] = fast
+    ok = [c for c, v in fast.items() if v[f"top{k}_overlap_with_exact"] >= 0.9]
+    summary["fast_mode"] = max(ok, key=lambda c: fast[c]["docs_per_s"]) if ok else None
+    results["summary"] = summary
+    print(json.dumps(summary, indent=1), flush=True)
+
+    name = "zipfit_speed_quick" if a.quick else "zipfit_speed"
+    out = HERE / "results" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    _plot(results, HERE / "results" / f"{name}.png")
+    shutil.rmtree(work)
+    print(f"wrote {out}")
+
+
+def _plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    runs = {k: v for k, v in results["runs"].items() if not k.startswith("mem_")}
+    labels = list(runs)
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax[0].barh(labels, [runs[k]["docs_per_s"] for k in labels], color="tab:blue")
+    ax[0].set_xlabel("docs/s (x100 targets)")
+    ax[0].set_xscale("log")
+    ax[1].barh(labels, [runs[k]["peak_pss_mb"] for k in labels], color="tab:orange")
+    ax[1].set_xlabel("peak memory (PSS of the process tree, MB)")
+    fig.suptitle(f"ZIP-FIT on {results['data']['source_docs']} stdlib chunks, "
+                 f"{results['workers']} workers")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
