@@ -7,7 +7,7 @@
   document count or a token budget computed exactly over the whole corpus.
 """
 
-from ctxzip.datasel.bpc import LossScorer, document_bpc, document_nll
+from ctxzip.datasel.bpc import LossScorer, document_bpc, document_nll, truncate_layers
 from ctxzip.datasel.codecs import Codec, get_codec
 from ctxzip.datasel.engines import LocalEngine, RayEngine, get_engine, map_scores
 from ctxzip.datasel.io import Record, ShardSpec, TextLength, iter_records, plan_shards, read_shard
@@ -36,6 +36,7 @@ __all__ = [
     "train_fasttext",
     "document_bpc",
     "document_nll",
+    "truncate_layers",
     "select",
     "decide",
     "load_scores",

@@ -133,8 +133,6 @@ def load_ladder_model(spec: str, *, device: Any = None) -> tuple[Any, Any]:
     ``default``, ``gemma3-270m``, an HF id or path), optionally ``@layers=K`` to keep only the
     first ``K`` decoder layers (a degraded rung: same family and tokenizer, less depth; the
     weights are shared with the full model, not copied)."""
-    import copy
-
     from ctxzip.models import load_causal_lm
 
     base, _, opt = spec.partition("@")
@@ -145,17 +143,24 @@ def load_ladder_model(spec: str, *, device: Any = None) -> tuple[Any, Any]:
     key, _, val = opt.partition("=")
     if key != "layers" or not val.isdigit():
         raise ValueError(f"unknown model option {opt!r} in {spec!r}: use '@layers=K'")
-    k = int(val)
+    return truncate_layers(model, int(val)), tok
+
+
+def truncate_layers(model: Any, k: int) -> Any:
+    """A view of ``model`` that runs only its first ``k`` decoder layers (final norm and
+    output head kept). Parameters are shared, the original model is left unchanged."""
+    import copy
+
+    import torch
+
     inner = model.get_decoder()
     layers = list(inner.layers)
     if not 1 <= k <= len(layers):
-        raise ValueError(f"{spec!r}: the model has {len(layers)} layers; keep 1..{len(layers)}")
+        raise ValueError(f"the model has {len(layers)} layers; keep 1..{len(layers)}, got {k}")
     cfg = copy.deepcopy(model.config)
     cfg.num_hidden_layers = k
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = list(cfg.layer_types)[:k]
-    import torch
-
     new_inner = copy.copy(inner)
     new_inner._modules = dict(inner._modules)
     new_inner.layers = torch.nn.ModuleList(layers[:k])
@@ -163,13 +168,13 @@ def load_ladder_model(spec: str, *, device: Any = None) -> tuple[Any, Any]:
     new = copy.copy(model)
     new._modules = dict(model._modules)
     new.config = cfg
-    for attr in ("model", "transformer"):
-        if attr in model._modules and model._modules[attr] is inner:
-            new._modules[attr] = new_inner
+    for name, mod in model._modules.items():
+        if mod is inner:
+            new._modules[name] = new_inner
             break
     else:
-        raise ValueError(f"{spec!r}: cannot find the decoder to truncate")
-    return new, tok
+        raise ValueError("cannot find the decoder module to truncate")
+    return new
 
 
 @dataclass
