@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import pickle
+from collections import Counter
 import sysconfig
 from pathlib import Path
 
@@ -328,3 +329,40 @@ def test_cli_select_zipfit(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     rc = main(["select", "zipfit", "--target", str(tmp_path / "nope.jsonl"), "--input",
                str(tmp_path / "D"), "--keep", "10%", "--out", str(tmp_path / "Y")])
     assert rc == 2
+
+
+def test_prefilter_cascade(tmp_path: Path) -> None:
+    pytest.importorskip("isal")
+    texts = _stdlib_chunks(30) + _prose_chunks(20)
+    targets = _stdlib_chunks(4, skip=40)
+    exact, fast = ZipFit(targets), ZipFit(targets, codec="isal", level=0)
+    ref = select(texts, exact, tmp_path / "ref", keep="6", shard_size=9, workers=1,
+                 progress=False)
+    ref_sel = (tmp_path / "ref" / "selected").glob("*.jsonl")
+    ref_text = sorted(line for f in ref_sel for line in f.read_text().splitlines())
+    # a candidate pool as large as the corpus: identical to exact selection
+    big = select(texts, exact, tmp_path / "big", keep="6", shard_size=9, workers=1,
+                 progress=False, prefilter=fast, margin=50)
+    big_text = sorted(line for f in (tmp_path / "big" / "selected").glob("*.jsonl")
+                      for line in f.read_text().splitlines())
+    assert big_text == ref_text and big.cascade["candidates"] == 50
+    # margin 1: the prefilter's top 6, written with their exact scores
+    one = select(texts, exact, tmp_path / "one", keep="6", shard_size=9, workers=1,
+                 progress=False, prefilter=fast, margin=1)
+    assert one.selected == 6 and one.cascade["candidates"] == 6
+    fast_top = {texts[i] for i in topk_indices(fast.score(texts), 6).tolist()}
+    got = [json.loads(line) for f in (tmp_path / "one" / "selected").glob("*.jsonl")
+           for line in f.read_text().splitlines()]
+    assert {g["text"] for g in got} == fast_top
+    ex = dict(zip(texts, exact.score(texts)))
+    assert all(g["zipfit_score"] == ex[g["text"]] for g in got)
+    stages = Counter(json.loads(line)["stage"] for f in (tmp_path / "one" / "rejected").glob("*")
+                     for line in f.read_text().splitlines())
+    assert stages == {"prefilter": 44}
+    again = select(texts, exact, tmp_path / "one", keep="6", shard_size=9, workers=1,
+                   progress=False, prefilter=fast, margin=1)
+    assert again.shards_resumed == again.shards
+    with pytest.raises(ValueError, match="threshold"):
+        select(texts, exact, tmp_path / "x", threshold=0.1, prefilter=fast)
+    with pytest.raises(ValueError, match="margin"):
+        select(texts, exact, tmp_path / "x", keep="6", prefilter=fast, margin=0.5)

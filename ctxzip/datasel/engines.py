@@ -56,8 +56,15 @@ class ShardResult:
     skipped: bool = False
 
 
-def score_path(out_dir: str, index: int) -> str:
-    return os.path.join(out_dir, "scores", f"{index:06d}.jsonl")
+def score_path(out_dir: str, index: int, stage: str = "scores") -> str:
+    return os.path.join(out_dir, stage, f"{index:06d}.jsonl")
+
+
+def _candidates(candidates: str | None, index: int) -> set[int] | None:
+    if candidates is None:
+        return None
+    with open(os.path.join(candidates, f"{index:06d}.json"), encoding="utf-8") as f:
+        return set(json.load(f))
 
 
 def _default_workers() -> int:
@@ -76,10 +83,17 @@ def score_shard(
     id_field: str | None = "id",
     lengths: TextLength | None = None,
     batch_size: int = 256,
+    stage: str = "scores",
+    candidates: str | None = None,
 ) -> ShardResult:
-    """Score one shard and write its score file atomically. Memory: one batch of texts."""
+    """Score one shard and write its score file atomically. Memory: one batch of texts.
+
+    ``stage`` names the score folder; with ``candidates`` (a folder of ``<index>.json`` lists
+    of record positions) only those records are scored and the others are written as
+    ``{"pos", "id", "skipped": true}`` (the second stage of a prefilter cascade)."""
     t0 = time.perf_counter()
-    path = score_path(out_dir, spec.index)
+    path = score_path(out_dir, spec.index, stage)
+    only = _candidates(candidates, spec.index)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     n = scored = bad = 0
@@ -118,6 +132,10 @@ def score_shard(
                 f.write(json.dumps({"pos": rec.pos, "id": rec.id, "malformed": rec.reason}) + "\n")
                 bad += 1
                 continue
+            if only is not None and rec.pos not in only:
+                flush(f)
+                f.write(json.dumps({"pos": rec.pos, "id": rec.id, "skipped": True}) + "\n")
+                continue
             pending.append((rec.pos, rec.id))
             texts.append(rec.text)
             if len(texts) >= batch_size:
@@ -127,11 +145,11 @@ def score_shard(
         os.unlink(tmp)
         raise RuntimeError(f"shard {spec.index}: read {n} records, expected {spec.size}")
     os.replace(tmp, path)
-    return ShardResult(spec.index, n, scored, n - scored, time.perf_counter() - t0)
+    return ShardResult(spec.index, n, scored, bad, time.perf_counter() - t0)
 
 
-def _is_done(out_dir: str, spec: ShardSpec) -> bool:
-    return os.path.isfile(score_path(out_dir, spec.index))
+def _is_done(out_dir: str, spec: ShardSpec, stage: str = "scores") -> bool:
+    return os.path.isfile(score_path(out_dir, spec.index, stage))
 
 
 def _progress(total: int | None, desc: str, enabled: bool) -> Any:
@@ -158,6 +176,8 @@ def _pool_score_shard(spec: ShardSpec) -> ShardResult:
         id_field=st["id_field"],
         lengths=st["lengths"],
         batch_size=st["batch_size"],
+        stage=st["stage"],
+        candidates=st["candidates"],
     )
 
 
@@ -192,41 +212,46 @@ class LocalEngine:
         batch_size: int = 256,
         progress: bool = True,
         total: int | None = None,
+        stage: str = "scores",
+        candidates: str | None = None,
     ) -> list[ShardResult]:
         workers = self.workers or _default_workers()
         results: list[ShardResult] = []
         bar = _progress(total, f"scoring ({scorer.name}, {workers} proc)", progress)
         if workers == 1:
             for spec in specs:
-                if _is_done(out_dir, spec):
+                if _is_done(out_dir, spec, stage):
                     results.append(ShardResult(spec.index, spec.size, 0, 0, 0.0, skipped=True))
                     bar.update(spec.size)
                     continue
                 r = score_shard(spec, scorer, out_dir, text_field=text_field,
-                                id_field=id_field, lengths=lengths, batch_size=batch_size)
+                                id_field=id_field, lengths=lengths, batch_size=batch_size,
+                                stage=stage, candidates=candidates)
                 results.append(r)
                 bar.update(r.records)
         else:
             results = self._run_pool(specs, scorer, out_dir, bar, text_field, id_field,
-                                     lengths, batch_size, workers)
+                                     lengths, batch_size, workers, stage, candidates)
         bar.close()
         return sorted(results, key=lambda r: r.index)
 
     def _run_pool(self, specs: Iterable[ShardSpec], scorer: Scorer, out_dir: str,
                   bar: Any, text_field: str, id_field: str | None,
-                  lengths: TextLength | None, batch_size: int, workers: int) -> list[ShardResult]:
+                  lengths: TextLength | None, batch_size: int, workers: int, stage: str,
+                  candidates: str | None) -> list[ShardResult]:
         import multiprocessing as mp
 
         payload = pickle.dumps({
             "scorer": scorer, "out_dir": out_dir, "text_field": text_field,
             "id_field": id_field, "lengths": lengths, "batch_size": batch_size,
+            "stage": stage, "candidates": candidates,
         })
         results: list[ShardResult] = []
         limit = max(1, self.max_in_flight) * workers
 
         def pending_specs() -> Any:
             for spec in specs:
-                if _is_done(out_dir, spec):
+                if _is_done(out_dir, spec, stage):
                     results.append(ShardResult(spec.index, spec.size, 0, 0, 0.0, skipped=True))
                     bar.update(spec.size)
                     continue
@@ -266,7 +291,8 @@ class _RayShardWorker:
         st = self.state
         r = score_shard(spec, st["scorer"], st["out_dir"], text_field=st["text_field"],
                         id_field=st["id_field"], lengths=st["lengths"],
-                        batch_size=st["batch_size"])
+                        batch_size=st["batch_size"], stage=st["stage"],
+                        candidates=st["candidates"])
         return {"index": r.index, "records": r.records, "scored": r.scored,
                 "malformed": r.malformed, "seconds": r.seconds}
 
@@ -320,13 +346,15 @@ class RayEngine:
         batch_size: int = 256,
         progress: bool = True,
         total: int | None = None,
+        stage: str = "scores",
+        candidates: str | None = None,
     ) -> list[ShardResult]:
         ray = self._init()
         results: list[ShardResult] = []
         bar = _progress(total, f"scoring ({scorer.name}, ray)", progress)
         items = []
         for spec in specs:
-            if _is_done(out_dir, spec):
+            if _is_done(out_dir, spec, stage):
                 results.append(ShardResult(spec.index, spec.size, 0, 0, 0.0, skipped=True))
                 bar.update(spec.size)
             else:
@@ -335,8 +363,9 @@ class RayEngine:
             workers = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
             payload = pickle.dumps({
                 "scorer": scorer, "out_dir": os.path.abspath(out_dir),
+                "candidates": os.path.abspath(candidates) if candidates else None,
                 "text_field": text_field, "id_field": id_field, "lengths": lengths,
-                "batch_size": batch_size,
+                "batch_size": batch_size, "stage": stage,
             })
             ds = ray.data.from_items(items, override_num_blocks=len(items))
             ds = ds.map(_RayShardWorker, fn_constructor_args=(payload,),

@@ -51,6 +51,7 @@ class SelectionSummary:
     shards_resumed: int
     seconds: dict[str, float] = field(default_factory=dict)
     out_dir: str = ""
+    cascade: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,16 +70,18 @@ def _plan_key(specs: list[ShardSpec]) -> str:
     return h.hexdigest()[:16]
 
 
-def load_scores(out_dir: str, specs: list[ShardSpec]) -> dict[str, Any]:
+def load_scores(out_dir: str, specs: list[ShardSpec], stage: str = "scores") -> dict[str, Any]:
     """Read every shard's score file: scores/tokens of valid records in corpus order,
-    per-shard valid counts and the malformed records."""
+    per-shard valid counts and the malformed records. Records a cascade's second stage
+    skipped get a NaN score and ``scored[g] = False``."""
     scores: list[float] = []
+    scored: list[bool] = []
     tokens: list[int] = []
     has_tokens = None
     per_shard: list[int] = []
     malformed: list[dict] = []
     for spec in specs:
-        path = score_path(out_dir, spec.index)
+        path = score_path(out_dir, spec.index, stage)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"score file missing for shard {spec.index}: {path}")
         n_valid = 0
@@ -94,7 +97,13 @@ def load_scores(out_dir: str, specs: list[ShardSpec]) -> dict[str, Any]:
                     malformed.append({"source": spec.source, "pos": rec["pos"], "id": rec["id"],
                                       "reason": rec["malformed"]})
                     continue
+                n_valid += 1
+                if rec.get("skipped"):
+                    scores.append(float("nan"))
+                    scored.append(False)
+                    continue
                 scores.append(rec["score"])
+                scored.append(True)
                 t = rec.get("tokens")
                 if has_tokens is None:
                     has_tokens = t is not None
@@ -102,12 +111,12 @@ def load_scores(out_dir: str, specs: list[ShardSpec]) -> dict[str, Any]:
                     if t is None:
                         raise ValueError(f"{path}: token counts missing (rerun with overwrite)")
                     tokens.append(t)
-                n_valid += 1
         if n != spec.size:
             raise ValueError(f"{path}: {n} records, shard has {spec.size} (rerun with overwrite)")
         per_shard.append(n_valid)
     return {
         "scores": np.asarray(scores, dtype=np.float64),
+        "scored": np.asarray(scored, dtype=bool),
         "tokens": np.asarray(tokens, dtype=np.int64) if has_tokens else None,
         "per_shard": per_shard,
         "malformed": malformed,
@@ -179,6 +188,8 @@ def select(
     text_field: str = "text",
     id_field: str | None = "id",
     score_field: str | None = None,
+    prefilter: Scorer | None = None,
+    margin: float = 3.0,
     overwrite: bool = False,
     write_rejected: bool = True,
     progress: bool = True,
@@ -200,6 +211,11 @@ def select(
         shard_size: records per shard (the unit of work, resume and memory).
         text_field / id_field: record fields (ids default to ``"<file>:<line>"``).
         score_field: field added to selected records (default ``"<scorer.name>_score"``).
+        prefilter: a cheap scorer run first on everything (e.g. ``ZipFit(codec="isal")``);
+            only the best ``margin`` x budget documents by its score are then scored by
+            ``scorer``, and the budget is applied to ``scorer``'s scores among them (a
+            cascade: ``keep``/``keep_tokens`` only).
+        margin: candidate pool size of the cascade, as a multiple of the budget (>= 1).
         overwrite: discard scores from an earlier run with different settings.
         write_rejected: also write ``rejected/`` (ids and scores of the rest).
     """
@@ -211,6 +227,11 @@ def select(
                   f"tokens<={keep_tokens}" if keep_tokens is not None else f"score>={threshold}")
     if keep_tokens is not None and token_unit is None:
         token_unit = "default"
+    if prefilter is not None:
+        if threshold is not None:
+            raise ValueError("a prefilter cascade needs keep or keep_tokens, not a threshold")
+        if not (isinstance(margin, (int, float)) and np.isfinite(margin) and margin >= 1):
+            raise ValueError(f"margin must be a number >= 1, got {margin!r}")
     lengths = TextLength(token_unit) if token_unit else None
     out = os.fspath(out_dir)
     eng = get_engine(engine, workers=workers, address=address)
@@ -226,6 +247,7 @@ def select(
         "text_field": text_field,
         "id_field": id_field,
         "token_unit": token_unit,
+        "prefilter": _fingerprint(prefilter) if prefilter is not None else None,
     }
     mpath = os.path.join(out, "manifest.json")
     if os.path.isfile(mpath):
@@ -238,22 +260,53 @@ def select(
                     f"{out} holds a run with other settings ({', '.join(diff)} differ); use a "
                     f"new output directory or overwrite=True (--overwrite)"
                 )
-            for sub in ("scores", "selected", "rejected"):
-                shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
+            for sub in os.listdir(out):
+                if sub.startswith(("scores", "prescores", "candidates", "selected", "rejected")):
+                    shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
     os.makedirs(out, exist_ok=True)
     with open(mpath, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
 
-    # phase 1: score (resumable)
-    results = eng.run(specs, scorer, out, text_field=text_field, id_field=id_field,
-                      lengths=lengths, batch_size=batch_size, progress=progress,
-                      total=sum(s.size for s in specs))
-    t_score = time.perf_counter()
-
-    # phase 2: global decision
-    loaded = load_scores(out, specs)
-    scores, toks = loaded["scores"], loaded["tokens"]
-    mask = decide(scores, keep=keep, keep_tokens=keep_tokens, tokens=toks, threshold=threshold)
+    run_kw = dict(text_field=text_field, id_field=id_field, batch_size=batch_size,
+                  progress=progress, total=sum(sp.size for sp in specs))
+    pre = None
+    cascade = None
+    if prefilter is None:
+        # phase 1: score (resumable)
+        results = eng.run(specs, scorer, out, lengths=lengths, **run_kw)
+        t_score = time.perf_counter()
+        # phase 2: global decision
+        loaded = load_scores(out, specs)
+        scores, toks = loaded["scores"], loaded["tokens"]
+        mask = decide(scores, keep=keep, keep_tokens=keep_tokens, tokens=toks,
+                      threshold=threshold)
+    else:
+        # cascade, stage 1: the cheap scorer on everything
+        results = eng.run(specs, prefilter, out, lengths=lengths, stage="prescores", **run_kw)
+        pre = load_scores(out, specs, "prescores")
+        toks = pre["tokens"]
+        n_valid = pre["scores"].shape[0]
+        if keep is not None:
+            k = Budget.parse(keep).resolve(n_valid)
+            cand = decide(pre["scores"], keep=min(n_valid, int(np.ceil(margin * k))))
+        else:
+            cand = decide(pre["scores"], keep_tokens=int(np.ceil(margin * keep_tokens)),
+                          tokens=toks)
+        stage = "scores-" + _write_candidates(out, specs, pre["per_shard"], cand)
+        cascade = {"prefilter": getattr(prefilter, "name", type(prefilter).__name__),
+                   "prefilter_fingerprint": manifest["prefilter"], "margin": margin,
+                   "candidates": int(cand.sum())}
+        # stage 2: the real scorer on the candidates only
+        eng.run(specs, scorer, out, stage=stage,
+                candidates=os.path.join(out, "candidates-" + stage[7:]), **run_kw)
+        t_score = time.perf_counter()
+        loaded = load_scores(out, specs, stage)
+        final = np.where(loaded["scored"], loaded["scores"], -np.inf)
+        if keep is not None:
+            mask = decide(final, keep=k) & cand
+        else:
+            mask = decide(final, keep_tokens=keep_tokens, tokens=toks) & cand
+        scores = np.where(loaded["scored"], loaded["scores"], pre["scores"])
     t_decide = time.perf_counter()
 
     # phase 3: write the split
@@ -288,7 +341,10 @@ def select(
                 n_sel += 1
             else:
                 if write_rejected:
-                    rej_lines.append(json.dumps({"id": rec.id, "score": s}) + "\n")
+                    r: dict[str, Any] = {"id": rec.id, "score": s}
+                    if pre is not None:
+                        r["stage"] = "final" if loaded["scored"][g - 1] else "prefilter"
+                    rej_lines.append(json.dumps(r) + "\n")
                 n_rej += 1
         name = f"{spec.index:06d}.jsonl"
         _write_atomic_lines(os.path.join(out, "selected", name), sel_lines)
@@ -318,10 +374,40 @@ def select(
         seconds={"plan": t_plan - t0, "score": t_score - t_plan, "decide": t_decide - t_score,
                  "write": t_write - t_decide, "total": t_write - t0},
         out_dir=out,
+        cascade=cascade,
     )
     with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary.to_dict(), f, indent=1)
     return summary
+
+
+def _write_candidates(out: str, specs: list[ShardSpec], per_shard: list[int],
+                      cand: np.ndarray) -> str:
+    """Write ``candidates-<hash>/<index>.json`` (record positions per shard); returns the hash
+    (the second stage's folder is keyed on the candidate set, so resuming stays correct)."""
+    lists = []
+    g = 0
+    for spec, n_valid in zip(specs, per_shard):
+        lists.append((spec, cand[g:g + n_valid]))
+        g += n_valid
+    h = hashlib.sha256(np.packbits(cand).tobytes()).hexdigest()[:12]
+    d = os.path.join(out, f"candidates-{h}")
+    os.makedirs(d, exist_ok=True)
+    for spec, m in lists:
+        pos = _valid_positions(out, spec)
+        with open(os.path.join(d, f"{spec.index:06d}.json"), "w", encoding="utf-8") as f:
+            json.dump([p for p, keep in zip(pos, m) if keep], f)
+    return h
+
+
+def _valid_positions(out: str, spec: ShardSpec) -> list[int]:
+    pos = []
+    with open(score_path(out, spec.index, "prescores"), encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            if "malformed" not in rec:
+                pos.append(rec["pos"])
+    return pos
 
 
 def _reason_kind(reason: str) -> str:
