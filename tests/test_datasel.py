@@ -5,8 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 import pickle
-from collections import Counter
 import sysconfig
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -336,8 +336,8 @@ def test_prefilter_cascade(tmp_path: Path) -> None:
     texts = _stdlib_chunks(30) + _prose_chunks(20)
     targets = _stdlib_chunks(4, skip=40)
     exact, fast = ZipFit(targets), ZipFit(targets, codec="isal", level=0)
-    ref = select(texts, exact, tmp_path / "ref", keep="6", shard_size=9, workers=1,
-                 progress=False)
+    select(texts, exact, tmp_path / "ref", keep="6", shard_size=9, workers=1,
+           progress=False)
     ref_sel = (tmp_path / "ref" / "selected").glob("*.jsonl")
     ref_text = sorted(line for f in ref_sel for line in f.read_text().splitlines())
     # a candidate pool as large as the corpus: identical to exact selection
