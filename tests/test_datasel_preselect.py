@@ -211,3 +211,31 @@ def test_loss_scorer_real_model_prefers_real_text() -> None:
     s = LossScorer("smollm2").score_texts(prose[:6] + shuffled)
     assert s[:6].mean() > s[6:].mean() + 0.3
     assert np.all(s < 0)
+
+
+def test_cli_select_preselect_with_trained_classifier(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("fasttext")
+    import json
+
+    from ctxzip.cli import main
+
+    prose, code = _real_texts()
+    train_fasttext(code[:60] + prose[:60], [1] * 60 + [0] * 60, tmp_path / "m.bin",
+                   epoch=40, lr=0.5)
+    with open(tmp_path / "pool.jsonl", "w") as f:
+        for i, t in enumerate(code[60:] + prose[60:]):
+            f.write(json.dumps({"id": f"d{i}", "text": t}) + "\n")
+        f.write("not json\n")
+    rc = main(["select", "preselect", "--model", str(tmp_path / "m.bin"), "--input",
+               str(tmp_path / "pool.jsonl"), "--keep-tokens", "8000", "--token-unit", "chars",
+               "--out", str(tmp_path / "OUT"), "--workers", "1", "-q"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["records"] == 41 and out["malformed"] == 1
+    sel = [json.loads(line) for f in (tmp_path / "OUT" / "selected").glob("*.jsonl")
+           for line in f.read_text().splitlines()]
+    assert sum(len(s["text"]) for s in sel) <= 8000 and len(sel) == out["selected"] >= 5
+    assert np.mean([int(s["id"][1:]) < 20 for s in sel]) > 0.7  # mostly the code chunks
+    rc = main(["select", "preselect", "--model", str(tmp_path / "missing.bin"), "--input",
+               str(tmp_path / "pool.jsonl"), "--keep", "10%", "--out", str(tmp_path / "X")])
+    assert rc == 2
