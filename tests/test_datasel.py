@@ -323,6 +323,13 @@ def test_cli_select_zipfit(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     assert out["selected"] == 4 and out["malformed"] == len(MALFORMED_LINES)
     assert out["selected"] + out["rejected"] + out["malformed"] == out["records"]
     rc = main(["select", "zipfit", "--target", str(tmp_path / "T.jsonl"), "--input",
+               str(tmp_path / "D" / "*.jsonl"), "--keep", "4", "--out", str(tmp_path / "C"),
+               "--workers", "1", "-q", "--prefilter", "zlib-1", "--prefilter-targets", "2",
+               "--margin", "2"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["selected"] == 4 and out["cascade"]["candidates"] == 8
+    rc = main(["select", "zipfit", "--target", str(tmp_path / "T.jsonl"), "--input",
                str(tmp_path / "D" / "*.jsonl"), "--keep", "lots", "--out", str(tmp_path / "X")])
     assert rc == 2
     assert "cannot parse budget" in capsys.readouterr().err

@@ -53,6 +53,13 @@ def register(subparsers: Any) -> None:
     z.add_argument("--level", type=int, default=None, help="compression level (gzip: 6)")
     z.add_argument("--max-targets", type=int, default=None,
                    help="use only the first N target examples")
+    z.add_argument("--prefilter", default=None, metavar="CODEC",
+                   help="fast mode: score everything with this codec first (e.g. isal-0), then "
+                        "rescore the best --margin x budget with --codec")
+    z.add_argument("--prefilter-targets", type=int, default=None, metavar="N",
+                   help="the prefilter uses only the first N targets (default: all)")
+    z.add_argument("--margin", type=float, default=3.0,
+                   help="cascade candidate pool, as a multiple of the budget (default 3)")
     _common(z)
     z.set_defaults(func=_run_zipfit)
 
@@ -107,7 +114,7 @@ def _texts(paths: list[str], text_field: str, limit: int | None = None) -> list[
     return out
 
 
-def _run(args: argparse.Namespace, scorer: Any) -> int:
+def _run(args: argparse.Namespace, scorer: Any, **extra: Any) -> int:
     from ctxzip.datasel.select import select
 
     summary = select(
@@ -115,12 +122,12 @@ def _run(args: argparse.Namespace, scorer: Any) -> int:
         threshold=args.threshold, token_unit=args.token_unit, engine=args.engine,
         workers=args.workers, address=args.address, shard_size=args.shard_size,
         text_field=args.text_field, id_field=args.id_field or None, overwrite=args.overwrite,
-        write_rejected=not args.no_rejected, progress=not args.quiet,
+        write_rejected=not args.no_rejected, progress=not args.quiet, **extra,
     )
     d = summary.to_dict()
     print(json.dumps({k: d[k] for k in ("records", "selected", "rejected", "malformed",
                                          "malformed_reasons", "threshold", "budget",
-                                         "out_dir")}, indent=1))
+                                         "cascade", "out_dir")}, indent=1))
     return 0
 
 
@@ -128,7 +135,11 @@ def _run_zipfit(args: argparse.Namespace) -> int:
     from ctxzip.datasel.zipfit import ZipFit
 
     targets = _texts(args.target, args.text_field, args.max_targets)
-    return _run(args, ZipFit(targets, codec=args.codec, level=args.level))
+    extra: dict[str, Any] = {}
+    if args.prefilter:
+        extra["prefilter"] = ZipFit(targets[: args.prefilter_targets], codec=args.prefilter)
+        extra["margin"] = args.margin
+    return _run(args, ZipFit(targets, codec=args.codec, level=args.level), **extra)
 
 
 def _run_preselect(args: argparse.Namespace) -> int:
