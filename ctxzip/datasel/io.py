@@ -236,37 +236,28 @@ def _hf_rows(ds: Any, start: int, stop: int) -> Iterator[dict]:
 
 def _jsonl_line_ranges(path: str, shard_size: int) -> Iterator[tuple[int, int, int]]:
     """(start_line, stop_line, byte_offset) for each shard of a plain JSONL file."""
-    lines = 0
+    import numpy as np
+
+    lines = 0  # newlines seen so far
     shard_start_line, shard_off = 0, 0
     off = 0
-    last_byte_newline = True
+    last = b"\n"
     with open(path, "rb") as f:
         while True:
             buf = f.read(1 << 22)
             if not buf:
                 break
-            pos = 0
-            while True:
-                # lines still needed to close the current shard
-                need = shard_size - (lines - shard_start_line)
-                idx = -1
-                p = pos
-                for _ in range(need):
-                    idx = buf.find(b"\n", p)
-                    if idx < 0:
-                        break
-                    p = idx + 1
-                    lines += 1
-                if idx < 0:
-                    break
-                # shard complete
-                end_off = off + idx + 1
-                yield shard_start_line, lines, shard_off
-                shard_start_line, shard_off = lines, end_off
-                pos = idx + 1
+            nl = np.flatnonzero(np.frombuffer(buf, dtype=np.uint8) == 10)
+            # newline number (lines + i + 1) closes a shard when it is a multiple of shard_size
+            first = (-lines - 1) % shard_size  # index in nl of the first shard-closing newline
+            for i in range(first, nl.shape[0], shard_size):
+                end_line = lines + i + 1
+                yield shard_start_line, end_line, shard_off
+                shard_start_line, shard_off = end_line, off + int(nl[i]) + 1
+            lines += int(nl.shape[0])
             off += len(buf)
-            last_byte_newline = buf.endswith(b"\n")
-    if not last_byte_newline:
+            last = buf[-1:]
+    if last != b"\n":
         lines += 1  # final line without a trailing newline
     if lines > shard_start_line:
         yield shard_start_line, lines, shard_off
