@@ -223,7 +223,8 @@ class ContextEvaluator:
                 if make_cache is not None:
                     base_cache, offset = make_cache(model, pre)
                 else:
-                    base_cache = model(pre, use_cache=True).past_key_values
+                    # logits_to_keep=1: the prefix needs no vocabulary projection
+                    base_cache = model(pre, use_cache=True, logits_to_keep=1).past_key_values
                     offset = pre.shape[1]
             lead = [prefix[-1]]
             # batches of rows of equal length (no padding for the usual fixed-size targets)
