@@ -1,1 +1,35 @@
-"""ctxzip.kvcache (see DESIGN.md)."""
+"""ctxzip.kvcache - KV-cache compression presses for any HF causal LM (transformers 5).
+
+``with SnapKVPress(budget=Budget(rate=0.25))(model): model(ids, past_key_values=cache)`` leaves
+the compressed context in ``cache``; decoding continues from it. See ``docs/kvcache.md``.
+"""
+
+from .base import BasePress, LayerContext, ScorerPress, attention_modules, window_queries
+from .cache import (
+    EvictedLayer,
+    RaggedLayer,
+    cache_nbytes,
+    dense_cache_nbytes,
+    install_ctxzip_attention,
+)
+from .h2o import H2OPress
+from .knorm import KNormPress
+from .snapkv import SnapKVPress
+from .streaming_llm import StreamingLLMPress
+
+__all__ = [
+    "BasePress",
+    "ScorerPress",
+    "LayerContext",
+    "attention_modules",
+    "window_queries",
+    "EvictedLayer",
+    "RaggedLayer",
+    "cache_nbytes",
+    "dense_cache_nbytes",
+    "install_ctxzip_attention",
+    "StreamingLLMPress",
+    "SnapKVPress",
+    "H2OPress",
+    "KNormPress",
+]
