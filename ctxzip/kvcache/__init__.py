@@ -12,8 +12,12 @@ from .cache import (
     dense_cache_nbytes,
     install_ctxzip_attention,
 )
+from .combo import EvictThenQuantizePress
+from .ems import EMSPress, global_local_score
+from .gear import GEARLayer, GEARPress
 from .h2o import H2OPress
 from .knorm import KNormPress
+from .lowrank import LowRankLayer, LowRankPress, PCACalibration, calibrate_pca
 from .snapkv import SnapKVPress
 from .streaming_llm import StreamingLLMPress
 
@@ -32,4 +36,13 @@ __all__ = [
     "SnapKVPress",
     "H2OPress",
     "KNormPress",
+    "EMSPress",
+    "global_local_score",
+    "GEARPress",
+    "GEARLayer",
+    "EvictThenQuantizePress",
+    "LowRankPress",
+    "LowRankLayer",
+    "PCACalibration",
+    "calibrate_pca",
 ]
