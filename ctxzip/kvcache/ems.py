@@ -90,7 +90,7 @@ class EMSPress(ScorerPress):
             raise ValueError("alpha must be in [0, 1]")
         if self.combine not in ("sum", "max"):
             raise ValueError("combine must be 'sum' or 'max'")
-        if not -1.0 <= self.merge_threshold:
+        if self.merge_threshold < -1.0:
             raise ValueError("merge_threshold must be >= -1")
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
