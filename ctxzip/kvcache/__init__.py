@@ -13,8 +13,10 @@ from .cache import (
     install_ctxzip_attention,
 )
 from .combo import EvictThenQuantizePress
+from .decoding import DecodingPress
 from .ems import EMSPress, global_local_score
 from .gear import GEARLayer, GEARPress
+from .generate import generate, prefill
 from .h2o import H2OPress
 from .knorm import KNormPress
 from .lowrank import LowRankLayer, LowRankPress, PCACalibration, calibrate_pca
@@ -45,4 +47,7 @@ __all__ = [
     "LowRankLayer",
     "PCACalibration",
     "calibrate_pca",
+    "DecodingPress",
+    "generate",
+    "prefill",
 ]

@@ -41,6 +41,11 @@ __all__ = [
 CTXZIP_ATTENTION = "ctxzip"
 
 
+# when set (inside ``cache_nbytes(..., float_bytes=2)``), floating-point tensors are counted at
+# this many bytes per element: "the cache as it would be stored in bf16/fp16"
+_FLOAT_BYTES: int | None = None
+
+
 def _tensor_nbytes(t: Any, seen: set[int]) -> int:
     if isinstance(t, torch.Tensor):
         if t.numel() == 0:
@@ -49,7 +54,10 @@ def _tensor_nbytes(t: Any, seen: set[int]) -> int:
         if key in seen:
             return 0
         seen.add(key)
-        return t.untyped_storage().nbytes()
+        n = t.untyped_storage().nbytes()
+        if _FLOAT_BYTES is not None and t.is_floating_point():
+            n = n // t.element_size() * _FLOAT_BYTES
+        return n
     if isinstance(t, (list, tuple)):
         return sum(_tensor_nbytes(x, seen) for x in t)
     if isinstance(t, dict):
@@ -70,11 +78,23 @@ def layer_nbytes(layer: Any, _seen: set[int] | None = None) -> int:
     )
 
 
-def cache_nbytes(cache: Cache) -> int:
-    """Actual bytes stored in ``cache`` (all layers), as held in memory right now."""
+def cache_nbytes(cache: Cache, *, float_bytes: int | None = None) -> int:
+    """Actual bytes stored in ``cache`` (all layers), as held in memory right now.
+
+    ``float_bytes=2`` counts floating-point tensors at 2 bytes per element (the cache stored
+    in bf16/fp16) - for comparisons "relative to a bf16 cache" while the model runs in fp32.
+    Integer codes, indices and fp16 scales are counted as stored.
+    """
+    global _FLOAT_BYTES
     if not isinstance(cache, Cache):
         raise TypeError(f"cache_nbytes expects a transformers Cache, got {type(cache).__name__}")
-    return sum(layer_nbytes(layer) for layer in cache.layers)
+    if float_bytes is not None and float_bytes not in (1, 2, 4, 8):
+        raise ValueError("float_bytes must be 1, 2, 4 or 8")
+    prev, _FLOAT_BYTES = _FLOAT_BYTES, float_bytes
+    try:
+        return sum(layer_nbytes(layer) for layer in cache.layers)
+    finally:
+        _FLOAT_BYTES = prev
 
 
 def dense_cache_nbytes(

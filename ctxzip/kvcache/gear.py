@@ -233,6 +233,36 @@ class GEARLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a compressed cache layer cannot be cropped")
 
+    def _map_batch(self, fn: Any) -> None:
+        def qt(q: QuantizedTensor) -> QuantizedTensor:
+            lr_a = None if q.lr_a is None else fn(q.lr_a)
+            lr_b = None if q.lr_b is None else fn(q.lr_b)
+            codes = fn(q.codes)
+            shape = (codes.shape[0],) + tuple(q.shape[1:])
+            return QuantizedTensor(
+                codes, fn(q.scale), fn(q.zero), q.bits, q.group_size, q.axis, shape, lr_a, lr_b
+            )
+
+        def opt(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else fn(t)
+
+        self.chunks = [
+            GEARChunk(qt(c.kq), qt(c.vq), opt(c.k_out_idx), opt(c.k_out_val), opt(c.v_out_idx),
+                      opt(c.v_out_val))
+            for c in self.chunks
+        ]
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        self._deq = None
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
 
 @dataclass
 class GEARPress(BasePress):

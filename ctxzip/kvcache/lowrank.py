@@ -202,6 +202,20 @@ class LowRankLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a compressed cache layer cannot be cropped")
 
+    def _map_batch(self, fn: Any) -> None:
+        self.coef_k = [fn(c) for c in self.coef_k]
+        self.coef_v = [fn(c) for c in self.coef_v]
+        self.keys, self.values = fn(self.keys), fn(self.values)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
 
 @dataclass
 class LowRankPress(BasePress):
