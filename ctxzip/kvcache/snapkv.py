@@ -54,6 +54,12 @@ class SnapKVPress(ScorerPress):
             pad = self.kernel // 2
             if self.pooling == "avg":
                 x = F.avg_pool1d(x, self.kernel, stride=1, padding=pad, count_include_pad=False)
+                if ctx.key_padding is not None:
+                    # average over real tokens only, so a left-padded row scores as it would alone
+                    real = ctx.key_padding.float()[:, None, None, :].expand(b, h, 1, t)
+                    real = real.reshape(b * h, 1, t)
+                    frac = F.avg_pool1d(real, self.kernel, stride=1, padding=pad, count_include_pad=False)
+                    x = x / frac.clamp_min(1e-6)
             else:
                 x = F.max_pool1d(x, self.kernel, stride=1, padding=pad)
             mass = x.reshape(b, h, t)
