@@ -201,20 +201,18 @@ class BasePress:
         handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
         for m in mods:
             handles.append(m.register_forward_hook(make_hook(m), with_kwargs=True))
-        restore_attn = None
         if self.needs_ctxzip_attention:
+            # Ragged (head-wise) layers need the "ctxzip" attention for every later step on this
+            # cache, so the model keeps it after the block; it is plain SDPA whenever no ragged
+            # layer is involved.
             name = install_ctxzip_attention()
-            restore_attn = model.config._attn_implementation
-            if restore_attn != name:
+            if model.config._attn_implementation != name:
                 model.set_attn_implementation(name)
         try:
             yield model
         finally:
             for h in handles:
                 h.remove()
-            # ragged layers need the ctxzip attention for every later step on this cache, so the
-            # model keeps it (it is SDPA whenever no ragged layer is involved).
-            del restore_attn
 
     def _on_attention(
         self, module: torch.nn.Module, n_layers: int, args: tuple, kwargs: dict, state: dict
