@@ -414,3 +414,21 @@ def test_generate_matches_manual_greedy_and_answers_many(models):
         generate(model, tok, "", "q")
     with pytest.raises(TypeError):
         generate(model, tok, b"bytes", "q")
+
+
+def test_ragged_layers_share_one_mask_across_layers():
+    """transformers builds one mask for all full-attention layers, so ragged layers with different
+    per-head maxima must expose one padded length; decoding with an explicit 2D mask (as the
+    evaluator and generate() do) must equal decoding without one."""
+    model = tiny_causal_lm("llama", num_layers=4, seed=3)
+    ids, new = _ids(2, 64, seed=12), _ids(2, 5, seed=13)
+    press = SnapKVPress(budget=Budget(rate=0.3), window=4, head_budget="adaptive")
+    c1, c2 = prefill(model, ids, press), prefill(model, ids, press)
+    lengths = [tuple(layer.lengths) for layer in c1.layers]
+    assert len(set(lengths)) > 1  # the layers really differ
+    assert len({layer.stored_length() for layer in c1.layers}) == 1
+    with torch.no_grad():
+        a = model(new, past_key_values=c1).logits
+        am = torch.ones(2, 64 + 5, dtype=torch.long)
+        b = model(new, attention_mask=am, past_key_values=c2).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -304,7 +304,14 @@ class ScorerPress(BasePress):
             scores = scores.masked_fill(~ctx.key_padding[:, None, :], float("-inf"))
         if self.head_budget == "uniform":
             return evict(ctx, scores, keep)
-        return evict_headwise(ctx, scores, self.head_counts(scores, keep))
+        return evict_headwise(ctx, scores, self.head_counts(scores, keep), self.max_head_count(ctx, keep))
+
+    def max_head_count(self, ctx: LayerContext, keep: int) -> int:
+        """Largest count any head can get (the same in every layer): the padded length all
+        ragged layers share so transformers' single attention mask fits each of them."""
+        h = ctx.keys.shape[1]
+        floor = int(self.min_head_fraction * keep)
+        return min(ctx.seq_len, keep * h - (h - 1) * floor)
 
     def head_counts(self, scores: torch.Tensor, keep: int) -> list[int]:
         """Split ``keep * Hkv`` entries over the heads: each head's weight is how many of the
@@ -334,11 +341,13 @@ def evict(ctx: LayerContext, scores: torch.Tensor, keep: int) -> EvictedLayer:
     return EvictedLayer(k, v, ctx.seq_len)
 
 
-def evict_headwise(ctx: LayerContext, scores: torch.Tensor, counts: list[int]) -> RaggedLayer:
+def evict_headwise(
+    ctx: LayerContext, scores: torch.Tensor, counts: list[int], pad_to: int | None = None
+) -> RaggedLayer:
     """Head ``h`` keeps its top ``counts[h]`` tokens (per batch row), stored ragged."""
     ks, vs = [], []
     for h, c in enumerate(counts):
         idx = topk_indices(scores[:, h], int(c), dim=-1)  # [B, c]
         ks.append(ctx.keys[:, h].gather(1, idx[..., None].expand(-1, -1, ctx.keys.shape[-1])))
         vs.append(ctx.values[:, h].gather(1, idx[..., None].expand(-1, -1, ctx.values.shape[-1])))
-    return RaggedLayer(torch.cat(ks, 1), torch.cat(vs, 1), list(counts), ctx.seq_len)
+    return RaggedLayer(torch.cat(ks, 1), torch.cat(vs, 1), list(counts), ctx.seq_len, pad_to=pad_to)

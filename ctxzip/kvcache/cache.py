@@ -207,8 +207,12 @@ class RaggedLayer(DynamicLayer):
         lengths: list[int],
         logical_length: int,
         extra: dict[str, torch.Tensor] | None = None,
+        pad_to: int | None = None,
     ):
         super().__init__()
+        # every ragged layer of a model must expose the same stored length, because
+        # transformers builds one attention mask for all full-attention layers: presses pass the
+        # largest head budget any layer can get (the same for all layers)
         if flat_keys.shape[:2] != flat_values.shape[:2] or flat_keys.shape[1] != sum(lengths):
             raise ValueError("flat keys/values do not match the per-head lengths")
         self.lazy_initialization(flat_keys, flat_values)
@@ -217,6 +221,7 @@ class RaggedLayer(DynamicLayer):
         self.lengths = [int(x) for x in lengths]
         self.logical_length = int(logical_length)
         self.extra = extra or {}
+        self.pad_to = max(int(pad_to or 0), max(self.lengths, default=0))
         b, _, d = flat_keys.shape
         dv = flat_values.shape[-1]
         h = len(self.lengths)
@@ -227,20 +232,21 @@ class RaggedLayer(DynamicLayer):
 
     @classmethod
     def from_padded(
-        cls, keys: torch.Tensor, values: torch.Tensor, lengths: list[int], logical_length: int
+        cls, keys: torch.Tensor, values: torch.Tensor, lengths: list[int], logical_length: int,
+        pad_to: int | None = None,
     ) -> RaggedLayer:
         """Build from ``[B, H, S_max, d]`` tensors whose head ``h`` holds its ``lengths[h]`` kept
         entries in the first slots (position order)."""
         fk = torch.cat([keys[:, h, : lengths[h]] for h in range(keys.shape[1])], dim=1)
         fv = torch.cat([values[:, h, : lengths[h]] for h in range(values.shape[1])], dim=1)
-        return cls(fk, fv, lengths, logical_length)
+        return cls(fk, fv, lengths, logical_length, pad_to=pad_to)
 
     @property
     def num_heads(self) -> int:
         return len(self.lengths)
 
     def stored_length(self) -> int:
-        return max(self.lengths, default=0) + self.tail_keys.shape[-2]
+        return self.pad_to + self.tail_keys.shape[-2]
 
     def get_seq_length(self) -> int:
         return self.logical_length
@@ -260,7 +266,7 @@ class RaggedLayer(DynamicLayer):
         """``keys, values [B, H, S_max, d]`` (right-aligned per head) and ``valid [H, S_max]``."""
         b, _, d = self.flat_keys.shape
         dv = self.flat_values.shape[-1]
-        smax = max(self.lengths, default=0)
+        smax = self.pad_to
         h = self.num_heads
         k = self.flat_keys.new_zeros((b, h, smax, d))
         v = self.flat_values.new_zeros((b, h, smax, dv))
@@ -349,6 +355,11 @@ def _ctxzip_attention(
         qi = torch.arange(q_len, device=key.device)[:, None] + (kv_len - q_len)
         ki = torch.arange(kv_len, device=key.device)[None, :]
         mask = mask & (ki <= qi)[None, None]
+    elif attention_mask.shape[-1] != kv_len:
+        raise ValueError(
+            f"attention mask covers {attention_mask.shape[-1]} keys but the ragged layer holds "
+            f"{kv_len}: all ragged layers of a model must share one padded length (pad_to)"
+        )
     elif attention_mask.dtype == torch.bool:
         mask = mask & attention_mask
     else:

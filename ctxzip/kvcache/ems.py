@@ -124,7 +124,9 @@ class EMSPress(ScorerPress):
             vs.append(v)
         if self.head_budget == "uniform":
             return EvictedLayer(torch.stack(ks, 1), torch.stack(vs, 1), t)
-        return RaggedLayer(torch.cat(ks, 1), torch.cat(vs, 1), counts, t)
+        return RaggedLayer(
+            torch.cat(ks, 1), torch.cat(vs, 1), counts, t, pad_to=self.max_head_count(ctx, keep)
+        )
 
     def _evict_then_merge(
         self, ctx: LayerContext, h: int, scores: torch.Tensor, gl: torch.Tensor, c: int
