@@ -432,3 +432,13 @@ def test_ragged_layers_share_one_mask_across_layers():
         am = torch.ones(2, 64 + 5, dtype=torch.long)
         b = model(new, attention_mask=am, past_key_values=c2).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_rejects_bad_budget_without_loading_a_model(capsys):
+    from ctxzip.cli import main
+
+    assert main(["kv", "eval", "--press", "snapkv", "--rate", "2.5"]) == 2
+    assert "budget" in capsys.readouterr().err
+    assert main(["kv", "eval", "--docs", "0"]) == 2
+    with pytest.raises(SystemExit):
+        main(["kv", "eval", "--press", "nope"])

@@ -82,14 +82,16 @@ def _eval(args: argparse.Namespace) -> int:
         docs += prose_documents(args.docs)
     if args.kind in ("code", "both"):
         docs += code_documents(args.docs)
-    cases = []
+    cases, last_err = [], ""
+    n_recall = max(1, min(16, args.context_tokens // 64))  # spans must fit in the context
     for d in docs:
         try:
-            cases.append(evaluator.make_case(d.text, context_tokens=args.context_tokens, doc_id=d.id))
-        except ValueError:
-            continue
+            cases.append(evaluator.make_case(d.text, context_tokens=args.context_tokens,
+                                             n_recall=n_recall, doc_id=d.id))
+        except ValueError as e:
+            last_err = str(e)
     if not cases:
-        print("error: no document is long enough for the requested context", file=sys.stderr)
+        print(f"error: no usable document for this context length ({last_err})", file=sys.stderr)
         return 1
     with torch.no_grad():
         res = evaluate_press(evaluator, cases, press)
