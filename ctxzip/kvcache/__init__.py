@@ -1,1 +1,53 @@
-"""ctxzip.kvcache (see DESIGN.md)."""
+"""ctxzip.kvcache - KV-cache compression presses for any HF causal LM (transformers 5).
+
+``with SnapKVPress(budget=Budget(rate=0.25))(model): model(ids, past_key_values=cache)`` leaves
+the compressed context in ``cache``; decoding continues from it. See ``docs/kvcache.md``.
+"""
+
+from .base import BasePress, LayerContext, ScorerPress, attention_modules, window_queries
+from .cache import (
+    EvictedLayer,
+    RaggedLayer,
+    cache_nbytes,
+    dense_cache_nbytes,
+    install_ctxzip_attention,
+)
+from .combo import EvictThenQuantizePress
+from .decoding import DecodingPress
+from .ems import EMSPress, global_local_score
+from .gear import GEARLayer, GEARPress
+from .generate import generate, prefill
+from .h2o import H2OPress
+from .knorm import KNormPress
+from .lowrank import LowRankLayer, LowRankPress, PCACalibration, calibrate_pca
+from .snapkv import SnapKVPress
+from .streaming_llm import StreamingLLMPress
+
+__all__ = [
+    "BasePress",
+    "ScorerPress",
+    "LayerContext",
+    "attention_modules",
+    "window_queries",
+    "EvictedLayer",
+    "RaggedLayer",
+    "cache_nbytes",
+    "dense_cache_nbytes",
+    "install_ctxzip_attention",
+    "StreamingLLMPress",
+    "SnapKVPress",
+    "H2OPress",
+    "KNormPress",
+    "EMSPress",
+    "global_local_score",
+    "GEARPress",
+    "GEARLayer",
+    "EvictThenQuantizePress",
+    "LowRankPress",
+    "LowRankLayer",
+    "PCACalibration",
+    "calibrate_pca",
+    "DecodingPress",
+    "generate",
+    "prefill",
+]
