@@ -117,13 +117,15 @@ class VisualTokenMethod:
       the encoder's layer list; ``-2`` is the LLaVA feature layer);
     * ``score_kind``: ``"heads"`` ([CLS] attention per head, summed) or ``"single"`` (one head
       over the full q/k projections, as LLaVA-PruMerge computes it);
-    * ``key_kind``: ``"mean"`` (keys averaged over heads) or ``"full"`` (the k_proj output).
+    * ``key_kind``: ``"mean"`` (keys averaged over heads) or ``"full"`` (the k_proj output);
+    * ``head_reduce``: ``"sum"`` or ``"mean"`` of the per-head [CLS] attention.
     """
 
     name: ClassVar[str] = ""
     stage: ClassVar[str] = "vision"
     score_kind: ClassVar[str] = "heads"
     key_kind: ClassVar[str] = "mean"
+    head_reduce: ClassVar[str] = "sum"
 
     @property
     def score_layer(self) -> int:

@@ -56,6 +56,7 @@ class GlobalCom2(VisualTokenMethod):
     layer: int = -1
 
     name = "globalcom2"
+    head_reduce = "mean"  # attn_maps averaged over heads, so region sums are <= 1
 
     def __post_init__(self) -> None:
         if not float(self.tau) > 0:

@@ -231,6 +231,8 @@ class VisionPruner:
                 kf = module.k_proj(hs)
                 k = _heads(kf, H)
                 scores = cls_attention(q, k, scale=module.scale)
+                if self.method.head_reduce == "mean":
+                    scores = scores / H
                 keys = kf if self.method.key_kind == "full" else k.mean(dim=1)
         v = self._s.setdefault("vision", {})
         v["scores"], v["keys"] = scores, keys
