@@ -208,11 +208,13 @@ def make_vlm_inputs(
     images_per_row: list[int],
     *,
     text_len: int = 6,
+    tail_len: int = 3,
     pad_rows: bool = True,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Left-padded batch: row ``b`` is ``text, <image>*n_img tokens, text, ..., text`` with
-    ``images_per_row[b]`` images (0 = text only) and a 2-D ``attention_mask``.
+    """Left-padded batch: row ``b`` is ``text_len`` text tokens, then per image its placeholder
+    tokens followed by ``tail_len`` text tokens; ``images_per_row[b]`` images (0 = text only) and
+    a 2-D ``attention_mask``. Token ids are random (random-weight models have no vocabulary).
 
     Row ``b`` also gets ``b`` extra text tokens so rows differ in length even with equal images.
     """
@@ -222,17 +224,18 @@ def make_vlm_inputs(
     n_total = sum(images_per_row)
     imgs = _images(model, n_total, gen)
     counts = image_token_counts(model, imgs) if n_total else []
-    vocab = min(model.config.get_text_config().vocab_size, IMAGE_TOKEN_ID)
+    img_id = int(model.config.image_token_id)
+    vocab = min(model.config.get_text_config().vocab_size, img_id)
     rows, types = [], []
     k = 0
     for b, n in enumerate(images_per_row):
         ids: list[int] = torch.randint(3, vocab, (text_len + b,), generator=gen).tolist()
         tt = [0] * len(ids)
         for _ in range(n):
-            ids += [IMAGE_TOKEN_ID] * counts[k]
+            ids += [img_id] * counts[k]
             tt += [1] * counts[k]
             k += 1
-            more = torch.randint(3, vocab, (3,), generator=gen).tolist()
+            more = torch.randint(3, vocab, (tail_len,), generator=gen).tolist()
             ids += more
             tt += [0] * len(more)
         rows.append(ids)
