@@ -198,7 +198,7 @@ def test_clip_cls_scores_match_eager_attention():
     try:
         with torch.no_grad():
             model(**inputs)
-            captured = model.ctxzip_vision._s["vision"]["scores"]
+            captured = model.ctxzip_vision._clip_scores()[0]
             eager = model.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions[-2]
         torch.testing.assert_close(captured, eager[:, :, 0, :].sum(1), rtol=1e-4, atol=1e-5)
     finally:

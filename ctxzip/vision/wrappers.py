@@ -162,7 +162,9 @@ class VisionPruner:
             attn = layers[K - 1].self_attn
             if not hasattr(attn, "q_proj") or not hasattr(attn, "k_proj"):
                 raise TypeError(f"FastV needs separate q_proj/k_proj in the attention ({type(attn).__name__})")
-            h.append(attn.register_forward_pre_hook(self._on_fastv_score, with_kwargs=True))
+            self._fastv_attn = attn
+            h.append(attn.q_proj.register_forward_hook(self._stash("lq")))
+            h.append(attn.k_proj.register_forward_hook(self._stash("lk")))
             for j in range(K, len(layers)):
                 h.append(layers[j].register_forward_pre_hook(self._make_fastv_layer_hook(j == K), with_kwargs=True))
         elif self.family in ("llava", "llava_next"):
@@ -208,7 +210,10 @@ class VisionPruner:
         sl = self.method.score_layer
         if not -n <= sl < n:
             raise ValueError(f"score layer {sl} out of range for a {n}-layer vision tower")
-        self._handles.append(layers[sl].self_attn.register_forward_pre_hook(self._on_clip_attn, with_kwargs=True))
+        attn = layers[sl].self_attn
+        self._clip_attn = attn
+        self._handles.append(attn.q_proj.register_forward_hook(self._stash("q")))
+        self._handles.append(attn.k_proj.register_forward_hook(self._stash("k")))
         self._handles.append(feat_layer.register_forward_hook(self._on_clip_feat))
 
     def _clip_encoder_layers(self) -> Any:
@@ -216,27 +221,34 @@ class VisionPruner:
         enc = vt.vision_model.encoder if hasattr(vt, "vision_model") else vt.encoder
         return enc.layers
 
-    def _on_clip_attn(self, module: Any, args: tuple, kwargs: dict) -> None:
+    def _stash(self, key: str):
+        """Forward hook keeping a projection's output (no recomputation)."""
+
+        def hook(module: Any, args: tuple, output: Any) -> None:
+            if self._s.get("has_pixels"):
+                self._s.setdefault("vision", {})[key] = output.detach()
+
+        return hook
+
+    def _clip_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[CLS] attention [B, T] and keys [B, T, .] of the score layer, from the stashed q/k."""
         t0 = time.perf_counter()
-        hs = _get(args, kwargs, "hidden_states", 0)
+        v = self._s["vision"]
+        module = self._clip_attn
+        qf, kf = v["q"], v["k"]
         with torch.no_grad():
             if self.method.score_kind == "single":
-                q = module.q_proj(hs[:, :1])[:, None]  # [B, 1, 1, C]
-                kf = module.k_proj(hs)
-                scores = cls_attention(q, kf[:, None], scale=q.shape[-1] ** -0.5)
+                scores = cls_attention(qf[:, None, :1], kf[:, None], scale=qf.shape[-1] ** -0.5)
                 keys = kf
             else:
                 H = module.num_heads if hasattr(module, "num_heads") else module.config.num_attention_heads
-                q = _heads(module.q_proj(hs[:, :1]), H)
-                kf = module.k_proj(hs)
-                k = _heads(kf, H)
+                q, k = _heads(qf[:, :1], H), _heads(kf, H)
                 scores = cls_attention(q, k, scale=module.scale)
                 if self.method.head_reduce == "mean":
                     scores = scores / H
                 keys = kf if self.method.key_kind == "full" else k.mean(dim=1)
-        v = self._s.setdefault("vision", {})
-        v["scores"], v["keys"] = scores, keys
         self.hook_seconds += time.perf_counter() - t0
+        return scores, keys
 
     def _on_clip_feat(self, module: Any, args: tuple, output: Any) -> None:
         out = output[0] if isinstance(output, tuple) else output
@@ -244,9 +256,10 @@ class VisionPruner:
 
     def _clip_views(self) -> tuple[list[ImageTokens], list[_Layout]]:
         v = self._s["vision"]
-        if "hidden" not in v or "scores" not in v:
+        if "hidden" not in v or "k" not in v:
             raise RuntimeError("vision tower hooks did not fire; was pixel_values given?")
-        hidden, scores, keys = v["hidden"], v["scores"], v["keys"]
+        hidden = v["hidden"]
+        scores, keys = self._clip_scores()
         vc = self.model.config.vision_config
         side = vc.image_size // vc.patch_size
         N = side * side
@@ -311,35 +324,44 @@ class VisionPruner:
         if not -n <= sl < n:
             raise ValueError(f"score layer {sl} out of range for a {n}-block vision tower")
         self._handles.append(visual.register_forward_pre_hook(self._on_qwen_visual_pre, with_kwargs=True))
-        self._handles.append(visual.blocks[sl].attn.register_forward_pre_hook(self._on_qwen_attn, with_kwargs=True))
+        attn = visual.blocks[sl].attn
+        self._qwen_attn = attn
+        self._handles.append(attn.register_forward_pre_hook(self._on_qwen_attn, with_kwargs=True))
+        self._handles.append(attn.qkv.register_forward_hook(self._stash("qkv")))
         self._handles.append(visual.register_forward_hook(self._on_qwen_visual_post))
 
     def _on_qwen_visual_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
         self._s.setdefault("vision", {})["grid_thw"] = _get(args, kwargs, "grid_thw", 1)
 
     def _on_qwen_attn(self, module: Any, args: tuple, kwargs: dict) -> None:
+        if self._s.get("has_pixels"):
+            self._s.setdefault("vision", {})["rope"] = kwargs["position_embeddings"]
+
+    def _qwen_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per merged token: attention received (mean over the image's queries, summed over
+        heads) and head-averaged keys, pooled over the merge unit, in raster order."""
         t0 = time.perf_counter()
-        hs = _get(args, kwargs, "hidden_states", 0)
-        cos, sin = kwargs["position_embeddings"]
-        S = hs.shape[0]
+        module = self._qwen_attn
+        v = self._s["vision"]
+        qkv = v["qkv"]
+        cos, sin = v["rope"]
+        S = qkv.shape[0]
         rope = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
         with torch.no_grad():
-            q, k, _ = module.qkv(hs).reshape(S, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k, _ = qkv.reshape(S, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
             q, k = rope(q, k, cos, sin)
-            v = self._s.setdefault("vision", {})
             thw = v["grid_thw"]
-            lens = thw.prod(-1).tolist()
+            visual = self.model.model.visual
             scores, keys, start = [], [], 0
-            for n in lens:
+            for n in thw.prod(-1).tolist():
                 qi = q[start:start + n].transpose(0, 1)[None]
                 ki = k[start:start + n].transpose(0, 1)[None]
                 scores.append(received_attention(qi, ki)[0])
                 keys.append(ki[0].mean(0))
                 start += n
-            unit = module.config.spatial_merge_size ** 2 if hasattr(module.config, "spatial_merge_size") else 4
+            unit = visual.spatial_merge_size ** 2
             sc = torch.cat(scores).view(-1, unit).sum(-1)
             ky = torch.cat(keys).view(-1, unit, keys[0].shape[-1]).mean(1)
-            visual = self.model.model.visual
             if hasattr(visual, "window_size"):  # Qwen2.5-VL: blocks run in window order
                 from transformers.vision_utils import get_vision_window_index
 
@@ -348,14 +370,15 @@ class VisionPruner:
                 sc2, ky2 = torch.empty_like(sc), torch.empty_like(ky)
                 sc2[widx], ky2[widx] = sc, ky
                 sc, ky = sc2, ky2
-            v["scores"], v["keys"] = sc, ky
         self.hook_seconds += time.perf_counter() - t0
+        return sc, ky
 
     def _on_qwen_visual_post(self, module: Any, args: tuple, output: Any) -> None:
         self._s.setdefault("vision", {})["merged"] = output.pooler_output.detach()
 
     def _qwen_views(self) -> tuple[list[ImageTokens], list[_Layout]]:
         v = self._s["vision"]
+        v["scores"], v["keys"] = self._qwen_scores()
         m = self.model.config.vision_config.spatial_merge_size
         images, layouts, start = [], [], 0
         for t, h, w in v["grid_thw"].tolist():
@@ -576,19 +599,19 @@ class VisionPruner:
         am = kwargs.get("attention_mask")
         self._s["fastv"] = {"mode": "prefill", "spans": spans, "am": am}
 
-    def _on_fastv_score(self, module: Any, args: tuple, kwargs: dict) -> None:
-        f = self._s.get("fastv")
-        if not f or f["mode"] != "prefill":
-            return
+    def _fastv_select(self, hs: torch.Tensor, kwargs: dict) -> None:
+        """Score image tokens from layer K's stashed q/k (FastV) and set up the pruning."""
+        f = self._s["fastv"]
         t0 = time.perf_counter()
-        hs = _get(args, kwargs, "hidden_states", 0)
+        module = self._fastv_attn
         cos, sin = kwargs["position_embeddings"]
+        v = self._s["vision"]
         B, L, _ = hs.shape
         hd = module.head_dim
         rope = sys.modules[type(module).__module__].apply_rotary_pos_emb
         with torch.no_grad():
-            q = module.q_proj(hs[:, -1:]).view(B, 1, -1, hd)
-            k = module.k_proj(hs).view(B, L, -1, hd)
+            q = v.pop("lq")[:, -1:].reshape(B, 1, -1, hd)
+            k = v.pop("lk").reshape(B, L, -1, hd)
             if hasattr(module, "q_norm"):
                 q, k = module.q_norm(q), module.k_norm(k)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -636,6 +659,8 @@ class VisionPruner:
     def _make_fastv_layer_hook(self, first: bool):
         def hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             f = self._s.get("fastv")
+            if first and f and f["mode"] == "prefill":
+                self._fastv_select(_get(args, kwargs, "hidden_states", 0), kwargs)
             if not f or f["mode"] not in ("apply", "decode"):
                 return None
             kwargs = dict(kwargs)
