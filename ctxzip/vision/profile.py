@@ -89,6 +89,7 @@ class PrefillCost:
     llm_flops: int
     vision_flops: int
     llm_tokens: int  # sequence length the LLM saw (max over rows)
+    last_logits: torch.Tensor | None = None  # [B, V] logits of the last position
 
 
 def count_prefill_flops(model: Any, inputs: dict) -> PrefillCost:
@@ -105,14 +106,15 @@ def count_prefill_flops(model: Any, inputs: dict) -> PrefillCost:
     )
     try:
         with FlopCounterMode(display=False, custom_mapping=mapping) as fc, torch.no_grad():
-            model(**inputs, logits_to_keep=1)
+            out = model(**inputs, logits_to_keep=1)
     finally:
         h.remove()
     counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
     root = type(model).__name__
     llm = counts.get(f"{root}.model.language_model", 0) + counts.get(f"{root}.lm_head", 0)
     vision = counts.get(f"{root}.model.vision_tower", 0) + counts.get(f"{root}.model.multi_modal_projector", 0)
-    return PrefillCost(int(fc.get_total_flops()), int(llm), int(vision), lm_len[-1] if lm_len else 0)
+    return PrefillCost(int(fc.get_total_flops()), int(llm), int(vision), lm_len[-1] if lm_len else 0,
+                       out.logits[:, -1].detach())
 
 
 def time_prefill(model: Any, inputs: dict, reps: int = 3, warmup: int = 1) -> list[float]:
