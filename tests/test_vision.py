@@ -97,7 +97,9 @@ def test_budget_batch_and_generate(family, method):
             if method != "fastv":  # the LLM sees a shorter sequence
                 assert out.logits.shape[1] < ref.shape[1]
             assert torch.isfinite(out.logits).all()
+            model.ctxzip_vision.last_stats = []
             gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, -3:]
+            assert model.ctxzip_vision.last_stats == stats  # generate's prefill pruned too
             rows = _split_rows(inputs, family)
             for b, row in enumerate(rows):
                 single = model(**row).logits[0, -1]
@@ -185,3 +187,46 @@ def test_prune_twice_replaces_hooks():
             assert torch.equal(model(**inputs).logits, ref)
     finally:
         unprune(model)
+
+
+def test_precomputed_image_features_are_refused():
+    model, inputs, _ = _family("llava")
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
+    prune(model, "visionzip", 4)
+    try:
+        with pytest.raises(ValueError, match="pre-computed"):
+            ids = {k: v for k, v in inputs.items() if k != "pixel_values"}
+            model(**ids, mm_encoder_outputs={"image": feats})
+    finally:
+        unprune(model)
+    assert "get_image_features" not in model.model.__dict__  # unprune restored the method
+
+
+def test_cli_methods_and_bad_budget(capsys):
+    from ctxzip.cli import main
+
+    assert main(["vision", "methods"]) == 0
+    out = capsys.readouterr().out
+    for name in METHOD_NAMES:
+        assert name in out
+    assert main(["vision", "bench", "--keep", "lots", "--size", "tiny"]) == 2
+    assert "cannot parse budget" in capsys.readouterr().err
+    assert main(["vision", "bench", "--reps", "0", "--size", "tiny"]) == 2
+    assert main(["vision", "bench", "--size", "tiny", "--param", "oops"]) == 2
+
+
+def test_eval_scoring():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "vision_eval", Path(__file__).resolve().parents[1] / "benchmarks" / "vision_eval.py"
+    )
+    ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ev)
+    s = ev.score("pope", ["Yes, there is.", "No.", "yes", "I think not"], ["yes", "no", "no", "yes"])
+    assert s["accuracy"] == 0.5 and s["yes_ratio"] == 0.5
+    assert ev.pope_label("Not really") == "no"
+    v = ev.score("vqa", ["The red car.", "blue"], ["red car", "green"])
+    assert v["exact_match"] == 0.5 and v["contains"] == 0.5

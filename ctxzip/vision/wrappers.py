@@ -24,6 +24,8 @@ logits are identical to the unwrapped model's.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 import time
 from dataclasses import dataclass, field
@@ -151,6 +153,21 @@ class VisionPruner:
     # ------------------------------------------------------------------ install / remove
     def _install(self) -> None:
         h = self._handles
+        self._vision: dict[str, Any] = {}
+        base = self.model.model
+        orig = base.get_image_features
+        sig = inspect.signature(orig)
+
+        @functools.wraps(orig)  # generate() inspects the signature
+        def get_image_features(*args: Any, **kwargs: Any) -> Any:
+            # generate() encodes images before the first forward (mm_encoder_outputs); mark a fresh
+            # capture and record the geometry the hooks cannot see (AnyRes image_sizes)
+            bound = sig.bind_partial(*args, **kwargs).arguments
+            self._vision = {"fresh": True, "image_sizes": bound.get("image_sizes")}
+            return orig(*args, **kwargs)
+
+        base.get_image_features = get_image_features
+        self._restore = (base, orig)
         h.append(self.model.register_forward_pre_hook(self._on_top, with_kwargs=True))
         h.append(self.lm.register_forward_pre_hook(self._on_lm_pre, with_kwargs=True))
         h.append(self.lm.register_forward_hook(self._on_lm_post, with_kwargs=True))
@@ -177,6 +194,9 @@ class VisionPruner:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        base, _ = self._restore
+        if "get_image_features" in base.__dict__:
+            del base.get_image_features  # back to the class method
         if getattr(self.model, "ctxzip_vision", None) is self:
             del self.model.ctxzip_vision
 
@@ -185,10 +205,8 @@ class VisionPruner:
         t0 = time.perf_counter()
         self._s = {
             "input_ids": _get(args, kwargs, "input_ids", 0),
-            "has_pixels": kwargs.get("pixel_values") is not None or (len(args) > 1 and args[1] is not None),
-            "image_sizes": kwargs.get("image_sizes"),
-            "videos": kwargs.get("pixel_values_videos") is not None,
-            "vision": {},
+            "videos": kwargs.get("pixel_values_videos") is not None
+            or bool((kwargs.get("mm_encoder_outputs") or {}).get("video")),
         }
         if kwargs.get("labels") is not None and self.budget is not None:
             self._s["labels"] = True
@@ -225,15 +243,18 @@ class VisionPruner:
         """Forward hook keeping a projection's output (no recomputation)."""
 
         def hook(module: Any, args: tuple, output: Any) -> None:
-            if self._s.get("has_pixels"):
-                self._s.setdefault("vision", {})[key] = output.detach()
+            if key in ("lq", "lk"):  # FastV: only while a prefill with images runs
+                if self._s.get("fastv", {}).get("mode") == "prefill":
+                    self._s[key] = output.detach()
+            else:
+                self._vision[key] = output.detach()
 
         return hook
 
     def _clip_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[CLS] attention [B, T] and keys [B, T, .] of the score layer, from the stashed q/k."""
         t0 = time.perf_counter()
-        v = self._s["vision"]
+        v = self._vision
         module = self._clip_attn
         qf, kf = v["q"], v["k"]
         with torch.no_grad():
@@ -252,10 +273,10 @@ class VisionPruner:
 
     def _on_clip_feat(self, module: Any, args: tuple, output: Any) -> None:
         out = output[0] if isinstance(output, tuple) else output
-        self._s.setdefault("vision", {})["hidden"] = out.detach()
+        self._vision["hidden"] = out.detach()
 
     def _clip_views(self) -> tuple[list[ImageTokens], list[_Layout]]:
-        v = self._s["vision"]
+        v = self._vision
         if "hidden" not in v or "k" not in v:
             raise RuntimeError("vision tower hooks did not fire; was pixel_values given?")
         hidden = v["hidden"]
@@ -283,7 +304,9 @@ class VisionPruner:
         )
 
         cfg = self.model.config
-        sizes = self._s["image_sizes"]
+        sizes = self._vision.get("image_sizes")
+        if sizes is None:
+            raise ValueError("LLaVA-NeXT pruning needs image_sizes")
         counts = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, vc.image_size) for s in sizes]
         feats, first = [], 0
         for c in counts:
@@ -331,18 +354,17 @@ class VisionPruner:
         self._handles.append(visual.register_forward_hook(self._on_qwen_visual_post))
 
     def _on_qwen_visual_pre(self, module: Any, args: tuple, kwargs: dict) -> None:
-        self._s.setdefault("vision", {})["grid_thw"] = _get(args, kwargs, "grid_thw", 1)
+        self._vision["grid_thw"] = _get(args, kwargs, "grid_thw", 1)
 
     def _on_qwen_attn(self, module: Any, args: tuple, kwargs: dict) -> None:
-        if self._s.get("has_pixels"):
-            self._s.setdefault("vision", {})["rope"] = kwargs["position_embeddings"]
+        self._vision["rope"] = kwargs["position_embeddings"]
 
     def _qwen_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per merged token: attention received (mean over the image's queries, summed over
         heads) and head-averaged keys, pooled over the merge unit, in raster order."""
         t0 = time.perf_counter()
         module = self._qwen_attn
-        v = self._s["vision"]
+        v = self._vision
         qkv = v["qkv"]
         cos, sin = v["rope"]
         S = qkv.shape[0]
@@ -374,10 +396,10 @@ class VisionPruner:
         return sc, ky
 
     def _on_qwen_visual_post(self, module: Any, args: tuple, output: Any) -> None:
-        self._s.setdefault("vision", {})["merged"] = output.pooler_output.detach()
+        self._vision["merged"] = output.pooler_output.detach()
 
     def _qwen_views(self) -> tuple[list[ImageTokens], list[_Layout]]:
-        v = self._s["vision"]
+        v = self._vision
         v["scores"], v["keys"] = self._qwen_scores()
         m = self.model.config.vision_config.spatial_merge_size
         images, layouts, start = [], [], 0
@@ -435,11 +457,13 @@ class VisionPruner:
         cache = kwargs.get("past_key_values")
         am = kwargs.get("attention_mask")
         if am is not None and not (isinstance(am, torch.Tensor) and am.dim() == 2):
-            if s.get("has_pixels") or getattr(cache, _STATE_ATTR, None) is not None:
+            if self._vision.get("fresh") or getattr(cache, _STATE_ATTR, None) is not None:
                 raise ValueError("ctxzip.vision needs a 2-D attention mask (got a 4-D mask or mask dict; "
                                  "static/compiled caches are not supported)")
             return None
-        if s.get("has_pixels") and not s.get("videos"):
+        ids = s.get("input_ids")
+        has_images = ids is not None and bool((ids == self.image_token_id).any())
+        if has_images and not s.get("videos"):
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError("ctxzip.vision prunes at prefill; continuing a cache with new images is not supported")
             if s.get("labels"):
@@ -447,7 +471,15 @@ class VisionPruner:
             if self.method.stage == "llm":
                 self._fastv_prefill_setup(kwargs)
                 return None
-            return self._vision_prefill(args, kwargs)
+            if not self._vision.get("fresh"):
+                raise ValueError("image tokens without a vision-tower run to score them (pre-computed image "
+                                 "features cannot be pruned; pass pixel_values)")
+            try:
+                return self._vision_prefill(args, kwargs)
+            finally:
+                self._vision = {}
+        elif s.get("input_ids") is None and self._vision.get("fresh"):
+            raise ValueError("ctxzip.vision needs input_ids (it locates the image tokens in them)")
         state = getattr(cache, _STATE_ATTR, None) if cache is not None else None
         if state is None:
             return None
@@ -605,13 +637,12 @@ class VisionPruner:
         t0 = time.perf_counter()
         module = self._fastv_attn
         cos, sin = kwargs["position_embeddings"]
-        v = self._s["vision"]
         B, L, _ = hs.shape
         hd = module.head_dim
         rope = sys.modules[type(module).__module__].apply_rotary_pos_emb
         with torch.no_grad():
-            q = v.pop("lq")[:, -1:].reshape(B, 1, -1, hd)
-            k = v.pop("lk").reshape(B, L, -1, hd)
+            q = self._s.pop("lq")[:, -1:].reshape(B, 1, -1, hd)
+            k = self._s.pop("lk").reshape(B, L, -1, hd)
             if hasattr(module, "q_norm"):
                 q, k = module.q_norm(q), module.k_norm(k)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
