@@ -60,7 +60,14 @@ def _bench(args: argparse.Namespace) -> int:
 
     from ctxzip.budget import Budget
     from ctxzip.vision import prune, unprune
-    from ctxzip.vision.profile import agreement, count_prefill_flops, llava15_cpu, llava15_prompt, median, time_prefill
+    from ctxzip.vision.profile import (
+        agreement,
+        count_prefill_flops,
+        llava15_cpu,
+        llava15_prompt,
+        median,
+        time_prefill,
+    )
 
     if args.reps < 1:
         raise ValueError("--reps must be >= 1")
