@@ -164,7 +164,9 @@ class VisionPruner:
             # capture and record the geometry the hooks cannot see (AnyRes image_sizes)
             bound = sig.bind_partial(*args, **kwargs).arguments
             self._vision = {"fresh": True, "image_sizes": bound.get("image_sizes")}
-            return orig(*args, **kwargs)
+            out = orig(*args, **kwargs)
+            self._vision["output"] = out  # generate() may hand this back on every uncached step
+            return out
 
         base.get_image_features = get_image_features
         self._restore = (base, orig)
@@ -203,6 +205,9 @@ class VisionPruner:
     # ------------------------------------------------------------------ top-level capture
     def _on_top(self, module: Any, args: tuple, kwargs: dict) -> None:
         t0 = time.perf_counter()
+        mm = kwargs.get("mm_encoder_outputs") or {}
+        if mm.get("image") is not None and mm["image"] is self._vision.get("output"):
+            self._vision["fresh"] = True  # the captured run is the one these features come from
         self._s = {
             "input_ids": _get(args, kwargs, "input_ids", 0),
             "videos": kwargs.get("pixel_values_videos") is not None
@@ -477,7 +482,7 @@ class VisionPruner:
             try:
                 return self._vision_prefill(args, kwargs)
             finally:
-                self._vision = {}
+                self._vision["fresh"] = False
         elif s.get("input_ids") is None and self._vision.get("fresh"):
             raise ValueError("ctxzip.vision needs input_ids (it locates the image tokens in them)")
         state = getattr(cache, _STATE_ATTR, None) if cache is not None else None
