@@ -129,7 +129,8 @@ class VisionPruner:
             (adaptive methods only).
         last_stats: per image of the last prefill, ``(tokens_before, tokens_after)``, counting
             visual tokens (LLaVA-NeXT's ``image_newline`` tokens, always kept, are not counted).
-        hook_seconds: wall time spent inside the hooks (the wrapper's own overhead).
+        hook_seconds: process CPU time spent inside the hooks (the wrapper's own overhead; CPU
+            time rather than wall time so that a loaded machine does not inflate it).
     """
 
     def __init__(self, model: Any, method: VisualTokenMethod, budget: Budget | None, positions: str | None):
@@ -204,7 +205,7 @@ class VisionPruner:
 
     # ------------------------------------------------------------------ top-level capture
     def _on_top(self, module: Any, args: tuple, kwargs: dict) -> None:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         mm = kwargs.get("mm_encoder_outputs") or {}
         if mm.get("image") is not None and mm["image"] is self._vision.get("output"):
             self._vision["fresh"] = True  # the captured run is the one these features come from
@@ -215,7 +216,7 @@ class VisionPruner:
         }
         if kwargs.get("labels") is not None and self.budget is not None:
             self._s["labels"] = True
-        self.hook_seconds += time.perf_counter() - t0
+        self.hook_seconds += time.process_time() - t0
 
     # ------------------------------------------------------------------ CLIP capture
     def _install_clip(self) -> None:
@@ -258,7 +259,7 @@ class VisionPruner:
 
     def _clip_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[CLS] attention [B, T] and keys [B, T, .] of the score layer, from the stashed q/k."""
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         v = self._vision
         module = self._clip_attn
         qf, kf = v["q"], v["k"]
@@ -273,7 +274,7 @@ class VisionPruner:
                 if self.method.head_reduce == "mean":
                     scores = scores / H
                 keys = kf if self.method.key_kind == "full" else k.mean(dim=1)
-        self.hook_seconds += time.perf_counter() - t0
+        self.hook_seconds += time.process_time() - t0
         return scores, keys
 
     def _on_clip_feat(self, module: Any, args: tuple, output: Any) -> None:
@@ -367,7 +368,7 @@ class VisionPruner:
     def _qwen_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per merged token: attention received (mean over the image's queries, summed over
         heads) and head-averaged keys, pooled over the merge unit, in raster order."""
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         module = self._qwen_attn
         v = self._vision
         qkv = v["qkv"]
@@ -397,7 +398,7 @@ class VisionPruner:
                 sc2, ky2 = torch.empty_like(sc), torch.empty_like(ky)
                 sc2[widx], ky2[widx] = sc, ky
                 sc, ky = sc2, ky2
-        self.hook_seconds += time.perf_counter() - t0
+        self.hook_seconds += time.process_time() - t0
         return sc, ky
 
     def _on_qwen_visual_post(self, module: Any, args: tuple, output: Any) -> None:
@@ -451,11 +452,11 @@ class VisionPruner:
 
     # ------------------------------------------------------------------ language model hooks
     def _on_lm_pre(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         try:
             return self._lm_pre(args, kwargs)
         finally:
-            self.hook_seconds += time.perf_counter() - t0
+            self.hook_seconds += time.process_time() - t0
 
     def _lm_pre(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         s = self._s
@@ -639,7 +640,7 @@ class VisionPruner:
     def _fastv_select(self, hs: torch.Tensor, kwargs: dict) -> None:
         """Score image tokens from layer K's stashed q/k (FastV) and set up the pruning."""
         f = self._s["fastv"]
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         module = self._fastv_attn
         cos, sin = kwargs["position_embeddings"]
         B, L, _ = hs.shape
@@ -673,7 +674,7 @@ class VisionPruner:
         allowed |= torch.eye(Lp, dtype=torch.bool, device=hs.device)[None]  # no fully masked rows
         f.update(mode="apply", keep_idx=keep_idx, mask4d=_float_mask(allowed, hs.dtype), pe=None)
         self._s["pending_state"] = _FastVState(orig_len=L, keep_idx=keep_idx, valid=valid)
-        self.hook_seconds += time.perf_counter() - t0
+        self.hook_seconds += time.process_time() - t0
 
     def _fastv_decode_setup(self, state: _FastVState, kwargs: dict) -> None:
         cache = kwargs["past_key_values"]
