@@ -275,7 +275,7 @@ def allocate(
         if method == "score":
             weights = np.maximum(s, 0.0)
         else:
-            if not 0.0 <= beta or not math.isfinite(beta):
+            if not beta >= 0.0 or not math.isfinite(beta):
                 raise ValueError(f"beta must be >= 0, got {beta!r}")
             span = s.max() - s.min()
             s_norm = (s - s.min()) / span if span > 0 else np.full(n, 0.5)

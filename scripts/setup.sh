@@ -27,7 +27,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   log "creating virtual environment in $VENV"
   "$PY" -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip install --quiet)
+PIP=(pip_quiet)
+# pip warns about every index location that is configured but absent on this machine; keep the
+# log readable by dropping those lines (pip's own exit status is kept by pipefail)
+pip_quiet() {
+  "$VENV/bin/python" -m pip install --quiet "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 # Install only when the project's requirements changed since the last successful setup.
 STAMP="$VENV/.ctxzip-setup"
