@@ -442,3 +442,16 @@ def test_cli_rejects_bad_budget_without_loading_a_model(capsys):
     assert main(["kv", "eval", "--docs", "0"]) == 2
     with pytest.raises(SystemExit):
         main(["kv", "eval", "--press", "nope"])
+
+
+def test_ragged_attention_does_not_replace_the_kernels_registration():
+    """ctxzip.kernels owns attn_implementation="ctxzip"; the ragged-cache attention has its own
+    name, so installing it never swaps out the kernels' function (score recording)."""
+    from transformers import AttentionInterface
+
+    from ctxzip.kernels.hf import ctxzip_attention_forward
+    from ctxzip.kvcache import install_ctxzip_attention
+
+    name = install_ctxzip_attention()
+    assert name != "ctxzip"
+    assert AttentionInterface._global_mapping["ctxzip"] is ctxzip_attention_forward

@@ -172,7 +172,7 @@ class BasePress:
         leave it as is)."""
         raise NotImplementedError
 
-    #: set by presses whose layers need the "ctxzip" attention (ragged head-wise storage)
+    #: set by presses whose layers need the "ctxzip_ragged" attention (ragged head-wise storage)
     needs_ctxzip_attention: bool = field(default=False, init=False, repr=False)
 
     # -- the context manager ------------------------------------------------------------
@@ -202,7 +202,7 @@ class BasePress:
         for m in mods:
             handles.append(m.register_forward_hook(make_hook(m), with_kwargs=True))
         if self.needs_ctxzip_attention:
-            # Ragged (head-wise) layers need the "ctxzip" attention for every later step on this
+            # Ragged (head-wise) layers need the "ctxzip_ragged" attention for every later step on this
             # cache, so the model keeps it after the block; it is plain SDPA whenever no ragged
             # layer is involved.
             name = install_ctxzip_attention()

@@ -11,7 +11,7 @@ A press replaces one model layer's ``DynamicLayer`` by one of these after prefil
 * :class:`RaggedLayer` - head-wise budgets: head ``h`` keeps ``S_h`` tokens, stored as one flat
   ``[B, sum_h S_h, d]`` tensor with per-head offsets (no padding to the longest head, so the
   memory is the real sum). For attention it is expanded transiently to ``[B, H, max S_h + q, d]``
-  and the unused slots are masked by the ``"ctxzip"`` attention (SDPA plus a per-head key mask),
+  and the unused slots are masked by the ``"ctxzip_ragged"`` attention (SDPA plus a per-head key mask),
   which the press context installs on the model.
 * ``ctxzip.kvcache.gear.GEARLayer`` and ``ctxzip.kvcache.lowrank.LowRankLayer`` store quantized /
   projected forms; they live next to their press.
@@ -38,7 +38,9 @@ __all__ = [
     "CTXZIP_ATTENTION",
 ]
 
-CTXZIP_ATTENTION = "ctxzip"
+# Not "ctxzip": that name belongs to ctxzip.kernels (blocked attention + per-key score
+# recording); registering a second function under it would silently replace one with the other.
+CTXZIP_ATTENTION = "ctxzip_ragged"
 
 
 # when set (inside ``cache_nbytes(..., float_bytes=2)``), floating-point tensors are counted at
@@ -164,7 +166,7 @@ class EvictedLayer(DynamicLayer):
 
 
 # ---------------------------------------------------------------- ragged (head-wise) layer
-# Ragged layers hand a per-head key mask to the "ctxzip" attention through this table, keyed by
+# Ragged layers hand a per-head key mask to the "ctxzip_ragged" attention through this table, keyed by
 # the identity of the key tensor they return from ``update`` (the attention function receives
 # exactly that tensor). Entries die with the tensor.
 _KEY_MASKS: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
@@ -194,7 +196,7 @@ class RaggedLayer(DynamicLayer):
     in a dense ``[B, H, n_new, d]`` tail. Memory: ``sum_h S_h`` entries, not ``H * max S_h``.
 
     For attention the layer returns ``[B, H, max_h S_h + n_new, d]`` with head ``h``'s kept
-    entries right-aligned (unused slots at the front, masked through the ``"ctxzip"``
+    entries right-aligned (unused slots at the front, masked through the ``"ctxzip_ragged"``
     attention). Using it with another attention implementation raises.
     """
 
@@ -319,7 +321,7 @@ class RaggedLayer(DynamicLayer):
             setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
 
 
-# ---------------------------------------------------------------- the "ctxzip" attention
+# ---------------------------------------------------------------- the "ctxzip_ragged" attention
 def _ctxzip_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -374,7 +376,7 @@ _INSTALLED = False
 
 
 def install_ctxzip_attention() -> str:
-    """Register the ``"ctxzip"`` attention (SDPA + ragged per-head key masks) with transformers'
+    """Register the ``"ctxzip_ragged"`` attention (SDPA + ragged per-head key masks) with transformers'
     attention and mask interfaces; returns its name. Idempotent."""
     global _INSTALLED
     if not _INSTALLED:
