@@ -194,20 +194,26 @@ def _missing(name: str, what: str, err: Exception) -> ModelNotFoundError:
     )
 
 
-def _from_pretrained(cls: Any, name: str, what: str, **kwargs: Any) -> Any:
-    """``cls.from_pretrained`` that tries local files first and wraps 'not found' errors."""
+def _load_local_first(load: Any, name: str, what: str, **kwargs: Any) -> Any:
+    """``load(name, **kwargs)`` trying local files first (a directory, then the HF cache) and
+    the hub only when allowed; 'not found' errors become :class:`ModelNotFoundError`."""
     p = Path(name).expanduser()
     if p.exists():
-        return cls.from_pretrained(str(p), local_files_only=True, **kwargs)
+        return load(str(p), local_files_only=True, **kwargs)
     try:
-        return cls.from_pretrained(name, local_files_only=True, **kwargs)
+        return load(name, local_files_only=True, **kwargs)
     except (OSError, ValueError) as local_err:
         if _hub_kwargs().get("local_files_only"):
             raise _missing(name, what, local_err) from None
     try:
-        return cls.from_pretrained(name, **kwargs)
+        return load(name, **kwargs)
     except (OSError, ValueError) as err:
         raise _missing(name, what, err) from None
+
+
+def _from_pretrained(cls: Any, name: str, what: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained`` that tries local files first and wraps 'not found' errors."""
+    return _load_local_first(cls.from_pretrained, name, what, **kwargs)
 
 
 def causal_lm_path(name_or_path: str | os.PathLike | None = None) -> str:
@@ -288,21 +294,10 @@ def load_encoder(name_or_path: str | os.PathLike | None = None, *, device: Any =
     if key not in _LOADED:
         from sentence_transformers import SentenceTransformer
 
-        path = encoder_path(name_or_path)
         dev = str(resolve_device(device))
-        p = Path(path).expanduser()
-        if p.exists():
-            _LOADED[key] = SentenceTransformer(str(p), device=dev, local_files_only=True)
-        else:
-            try:
-                _LOADED[key] = SentenceTransformer(path, device=dev, local_files_only=True)
-            except (OSError, ValueError) as local_err:
-                if _hub_kwargs().get("local_files_only"):
-                    raise _missing(path, "encoder", local_err) from None
-                try:
-                    _LOADED[key] = SentenceTransformer(path, device=dev)
-                except (OSError, ValueError) as err:
-                    raise _missing(path, "encoder", err) from None
+        _LOADED[key] = _load_local_first(
+            SentenceTransformer, encoder_path(name_or_path), "encoder", device=dev
+        )
     return _LOADED[key]
 
 
