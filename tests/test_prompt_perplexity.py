@@ -133,3 +133,45 @@ def test_errors(lm):
     with pytest.raises(ValueError, match="UTF-8"):
         c.compress(b"\xc3\x28", budget=Budget(rate=0.5))
     assert c.compress(TEXT, budget=Budget(tokens=10**6)).text == TEXT
+
+
+def test_budget_controller_sentence_then_tokens(lm):
+    """LLMLingua-1 budget controller: the coarse stage keeps whole sentences by mean score up
+    to token_budget_ratio * budget (the crossing one included); the token stage hits the
+    budget exactly, dropping only tokens of kept sentences."""
+    model, tok = lm
+    text = TEXT * 3
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    for ratio in (1.0, 1.4):
+        c = make(lm, sentence_filter=True, token_budget_ratio=ratio, iterative_size=16)
+        r = c.compress(text, budget=Budget(rate=0.4))
+        k = Budget(rate=0.4).resolve(len(ids))
+        assert r.details["lm_kept"] == k == int(r.kept.sum())
+        assert 0 < r.details["kept_sentences"] < r.details["sentences"]
+        # the coarse stage, recomputed: kept tokens lie only in sentences it selected
+        import numpy as np
+
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        offs = np.asarray(enc["offset_mapping"]).reshape(-1, 2)
+        full, _ = c.token_scores(ids, None)
+        sent_keep, tok_sent, _ = c._sentence_stage(text, offs, full, int(np.ceil(k * ratio)))
+        assert not r.kept[~sent_keep[tok_sent]].any()
+        cnt = np.bincount(tok_sent, minlength=len(sent_keep))
+        assert cnt[sent_keep].sum() >= int(np.ceil(k * ratio))  # crossing sentence included
+    # with the ratio at 1.0 almost all kept sentences survive whole
+    c = make(lm, sentence_filter=True, token_budget_ratio=1.0)
+    r = c.compress(text, budget=Budget(rate=0.5))
+    assert r.compressed_tokens <= Budget(rate=0.5).resolve(r.original_tokens) + 1
+
+
+def test_budget_controller_errors_and_identity(lm):
+    for bad in (0.9, float("nan"), True, "1.4"):
+        with pytest.raises(ValueError):
+            make(lm, sentence_filter=True, token_budget_ratio=bad)
+    c = make(lm, sentence_filter=True)
+    r = c.compress(TEXT, budget=Budget(rate=1.0))
+    assert r.text == TEXT
+    r = c.compress("one sentence without an end", budget=Budget(rate=0.5))
+    assert 0 < r.compressed_tokens <= Budget(rate=0.5).resolve(r.original_tokens)
+    r = c.compress(TEXT, budget=Budget(rate=0.5), query="what raises AssertionError?")
+    assert r.details["lm_kept"] == Budget(rate=0.5).resolve(r.details["lm_tokens"])
