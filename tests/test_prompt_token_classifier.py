@@ -220,3 +220,32 @@ def test_matches_llmlingua_anchor(tiny_dir, monkeypatch):
         r = ours.compress(text, budget=Budget(rate=rate))
         assert [w for w, _ in pairs] == r.details["words"]
         assert [int(lab) for _, lab in pairs] == r.details["word_labels"]
+
+
+def test_sentence_filter_keeps_best_sentences(tiny_dir):
+    """Coarse stage (LLMLingua-1 budget controller on the classifier's probabilities): with the
+    ratio at 1.0 the kept words come from the sentences with the highest mean probability."""
+    from ctxzip.prompt.perplexity import split_sentences
+
+    text = TEXT * 2
+    plain = make(tiny_dir, max_seq_len=64)
+    sf = make(tiny_dir, max_seq_len=64, sentence_filter=True, token_budget_ratio=1.0)
+    r = sf.compress(text, budget=Budget(rate=0.4))
+    k = Budget(rate=0.4).resolve(r.original_tokens)
+    assert r.compressed_tokens <= k and r.compressed_tokens >= 0.7 * k
+    assert 0 < r.details["kept_sentences"] < r.details["sentences"]
+    ws = plain.score_words(text)
+    sents = split_sentences(text)
+    starts = np.asarray([a for a, _ in sents])
+    sid = np.searchsorted(starts, ws.spans[:, 0], side="right") - 1
+    kept_s = set(sid[r.kept].tolist())
+    w = ws.weight.astype(float)
+    mean = np.bincount(sid, ws.prob_raw * w, len(sents)) / np.maximum(np.bincount(sid, w, len(sents)), 1e-9)
+    best = np.argsort(-mean, kind="stable")[: len(kept_s)]
+    assert len(kept_s & set(best.tolist())) >= len(kept_s) - 1
+    # words of a kept sentence are kept mostly whole; plain LLMLingua-2 mode differs
+    r2 = plain.compress(text, budget=Budget(rate=0.4))
+    assert "sentences" not in r2.details
+    assert r2.kept.tolist() != r.kept.tolist()
+    with pytest.raises(ValueError):
+        make(tiny_dir, token_budget_ratio=0.5)

@@ -110,6 +110,14 @@ class TokenClassifierCompressor(TextCompressor):
         token_weights: what the percentile/budget counts per word: ``"target"`` - tokens of the
             counting (target-LM) tokenizer, like the anchor's GPT tokenizer; ``"classifier"`` -
             the classifier's own subword tokens.
+        sentence_filter: global mode only: LLMLingua-1's budget controller in front of the word
+            ranking (the same coarse stage as ``PerplexityCompressor(sentence_filter=True)``,
+            which the default classifier is distilled from): sentences are ranked by the
+            token-weighted mean keep probability of their words and kept, best first, until
+            ``token_budget_ratio`` times the budget is used; words of the other sentences are
+            ranked below every word of a kept sentence. ``None`` (default): on for ctxzip's
+            distilled default classifier, off for any other model (plain LLMLingua-2).
+        token_budget_ratio: sentence-stage budget as a multiple of the token budget.
         return_word_labels: put ``words`` and ``word_labels`` (0/1) into ``result.details``.
         device: torch device (default: CUDA if present, else CPU).
         tokenizer: counting tokenizer for budgets and results (default: the target LM's).
@@ -128,6 +136,8 @@ class TokenClassifierCompressor(TextCompressor):
     batch_size: int = 50
     fast: bool | Literal["int8", "bf16"] = False
     token_weights: Literal["target", "classifier"] = "target"
+    sentence_filter: bool | None = None
+    token_budget_ratio: float = 1.0
     return_word_labels: bool = False
     device: Any = None
     tokenizer: Any = None
@@ -149,6 +159,9 @@ class TokenClassifierCompressor(TextCompressor):
             v = getattr(self, nm)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{nm} must be a positive integer, got {v!r}")
+        if isinstance(self.token_budget_ratio, bool) or not isinstance(self.token_budget_ratio, (int, float)) \
+                or not math.isfinite(self.token_budget_ratio) or self.token_budget_ratio < 1.0:
+            raise ValueError(f"token_budget_ratio must be a number >= 1, got {self.token_budget_ratio!r}")
         if self.max_seq_len < 8:
             raise ValueError(f"max_seq_len must be at least 8, got {self.max_seq_len}")
         if isinstance(self.force_tokens, str):
@@ -502,6 +515,31 @@ class TokenClassifierCompressor(TextCompressor):
                 hi = mid
         return best
 
+    def _sentence_stage(self, text: str, ws: WordScores, target: int) -> tuple[WordScores, tuple[int, int]]:
+        """Coarse stage (LLMLingua-1 ``control_sentence_budget``): keep sentences by decreasing
+        mean keep probability up to ``token_budget_ratio * target`` tokens (the crossing
+        sentence included); words outside them are ranked below all words inside."""
+        from ctxzip.prompt.perplexity import split_sentences
+
+        spans = split_sentences(text)
+        starts = np.asarray([a for a, _ in spans])
+        sent = np.clip(np.searchsorted(starts, ws.spans[:, 0], side="right") - 1, 0, len(spans) - 1)
+        w = ws.weight.astype(np.float64)
+        cnt = np.bincount(sent, weights=w, minlength=len(spans))
+        mean = np.where(cnt > 0, np.bincount(sent, weights=ws.prob_raw * w, minlength=len(spans)) / np.maximum(cnt, 1e-9), -np.inf)
+        keep = np.zeros(len(spans), dtype=bool)
+        left = float(math.ceil(target * self.token_budget_ratio))
+        for i in np.argsort(-mean, kind="stable"):
+            if cnt[i] <= 0:
+                continue
+            keep[i] = True
+            left -= cnt[i]
+            if left < 0:
+                break
+        prob = np.where(keep[sent] | ws.forced, ws.prob, ws.prob - 2.0)
+        out = WordScores(ws.spans, prob, ws.prob_raw, ws.chunk, ws.weight, ws.forced, ws.words)
+        return out, (len(spans), int(keep.sum()))
+
     @staticmethod
     def render(text: str, spans: np.ndarray, keep: np.ndarray) -> str:
         """Join kept words with the original whitespace between them, collapsed: a paragraph
@@ -536,12 +574,18 @@ class TokenClassifierCompressor(TextCompressor):
         t0 = time.perf_counter()
         ws = self.score_words(text)
         t1 = time.perf_counter()
+        use_sf = self.sentence_filter if self.sentence_filter is not None else self.model is None
+        n_sent = None
+        if use_sf and self.mode == "global" and len(ws.prob):
+            ws, n_sent = self._sentence_stage(text, ws, budget.resolve(n_tokens))
         keep = self.select(ws, budget, n_tokens)
         out = self.render(text, ws.spans, keep)
         if self.mode == "global":
             keep, out = self._fit_budget(text, ws, keep, out, budget.resolve(n_tokens))
         t2 = time.perf_counter()
         details: dict[str, Any] = {"mode": self.mode, "words": len(ws.prob), "kept_words": int(keep.sum())}
+        if n_sent is not None:
+            details["sentences"], details["kept_sentences"] = n_sent
         if self.return_word_labels:
             details["words"] = ws.words
             details["word_labels"] = keep.astype(int).tolist()
