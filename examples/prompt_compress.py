@@ -1,5 +1,6 @@
-"""Compress a real document three ways: LLMLingua-2 (distilled MiniLM classifier), LLMLingua-1
-(perplexity under SmolLM2) and LongLLMLingua (question-aware).
+"""Compress a real document four ways: LLMLingua-2 (distilled MiniLM classifier), LLMLingua-1
+(perplexity under SmolLM2; token level, and the budget controller: sentences, then tokens) and
+LongLLMLingua (question-aware).
 
     python examples/prompt_compress.py
 """
@@ -19,5 +20,11 @@ ppl = PerplexityCompressor()  # offline SmolLM2
 r = ppl.compress(text, budget=Budget(rate=0.5))
 print(f"[perplexity] rate {r.rate:.2f}\n{r.text}\n")
 
-r = ppl.compress(text, budget=Budget(rate=0.5), query="What happens to assert statements under -O?")
+# the recommended configuration (and the default classifier's teacher): LLMLingua's budget
+# controller, sentence-level coarse stage then token-level ITPC to the exact budget
+teacher = PerplexityCompressor(sentence_filter=True, token_budget_ratio=1.0)
+r = teacher.compress(text, budget=Budget(rate=0.5))
+print(f"[perplexity, budget controller] rate {r.rate:.2f}, {r.details['kept_sentences']}/{r.details['sentences']} sentences\n{r.text}\n")
+
+r = teacher.compress(text, budget=Budget(rate=0.5), query="What happens to assert statements under -O?")
 print(f"[question-aware] rate {r.rate:.2f}\n{r.text}")

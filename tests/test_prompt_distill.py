@@ -114,3 +114,37 @@ def test_shipped_default_artifact():
     assert meta["trained_layers"]
     model, tok = load_default_classifier()
     assert model.config.num_labels == 2
+
+
+def test_sentence_rank_labels(mini_tok):
+    from ctxzip.models import load_tokenizer
+    from ctxzip.prompt import PerplexityCompressor
+    from ctxzip.prompt.distill import teacher_labels
+    from ctxzip.prompt.perplexity import split_sentences
+    from ctxzip.testing import tiny_causal_lm
+
+    lt = load_tokenizer()
+    teacher = PerplexityCompressor(model=tiny_causal_lm("llama", vocab_size=len(lt)), lm_tokenizer=lt)
+    text = "Assertions help debugging. Names are identifiers. Bananas are yellow and long."
+    rec = teacher_labels([text], mini_tok, teacher, sentence_weight=1.0, progress=False)[0]
+    from ctxzip.prompt.distill import word_spans
+
+    _, _, spans = word_spans(mini_tok, text)
+    starts = np.asarray([a for a, _ in split_sentences(text)])
+    sid = np.searchsorted(starts, spans[:, 0], side="right") - 1
+    t = rec["target"]
+    for s in range(3):  # one value per sentence, the three sentences ranked 0, 0.5, 1
+        assert len(set(t[sid == s].tolist())) == 1
+    assert sorted(set(t.tolist())) == [0.0, 0.5, 1.0]
+    mixed = teacher_labels([text], mini_tok, teacher, sentence_weight=0.5, progress=False)[0]["target"]
+    assert mixed.min() >= 0 and mixed.max() <= 1 and len(set(mixed.tolist())) > 3
+
+
+def test_stdlib_docstring_corpus_is_train_only():
+    from ctxzip.prompt.distill import _stdlib_docstrings, default_corpus
+
+    docs = _stdlib_docstrings(20_000)
+    assert docs and all(s.startswith("stdlib-doc:") for s, _ in docs)
+    assert sum(len(t) for _, t in docs) >= 20_000
+    held = default_corpus("holdout", docstring_chars=20_000)
+    assert not any(s.startswith("stdlib-doc:") for s, _ in held)

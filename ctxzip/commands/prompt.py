@@ -31,7 +31,10 @@ def register(sub: Any) -> None:
     d.add_argument("--teacher-rate", type=float, default=0.5, help="teacher keep rate (hard labels / iterative mode)")
     d.add_argument("--hard", action="store_true", help="hard 0/1 labels at --teacher-rate instead of soft percentile targets")
     d.add_argument("--max-samples", type=int, default=None, help="cap the number of training samples")
-    d.add_argument("--metadata-chars", type=int, default=150_000, help="characters of package descriptions in the default corpus")
+    d.add_argument("--metadata-chars", type=int, default=600_000, help="characters of package descriptions in the default corpus")
+    d.add_argument("--docstring-chars", type=int, default=1_000_000, help="--default: characters of CPython stdlib docstrings in the corpus")
+    d.add_argument("--sentence-weight", type=float, default=0.5,
+                   help="--default: weight of the teacher's sentence ranking in the soft targets (0 = word ranks only)")
     d.add_argument("--labels-cache", default=None, help="--default: pickle file for the teacher labels (reused when present)")
     d.add_argument("--epochs", type=int, default=None)
     d.add_argument("--batch-size", type=int, default=None)
@@ -60,7 +63,8 @@ def _distill(args: argparse.Namespace) -> int:
             raise ValueError("--default uses the built-in corpus; drop --texts/--pairs")
         asset = args.asset_dir or str(D.default_asset_dir())
         log = D.distill_default(
-            args.out, asset_dir=asset, max_samples=args.max_samples if args.max_samples is not None else 100, metadata_chars=args.metadata_chars,
+            args.out, asset_dir=asset, max_samples=args.max_samples if args.max_samples is not None else 1000, metadata_chars=args.metadata_chars,
+            docstring_chars=args.docstring_chars, sentence_weight=args.sentence_weight,
             teacher_rate=args.teacher_rate, config=cfg, progress=progress, labels_cache=args.labels_cache,
         )
         print(json.dumps({k: log[k] for k in ("n_train", "n_eval", "epochs", "total_seconds", "teacher_seconds") if k in log}, indent=1))

@@ -105,13 +105,51 @@ def _metadata_prose(max_chars: int) -> list[tuple[str, str]]:
     return out
 
 
-def default_corpus(split: str = "train", *, holdout_every: int = 5, metadata_chars: int = 150_000) -> list[tuple[str, str]]:
-    """Real local text for distillation: ``pydoc_data.topics`` (CPython's reference prose) and
-    the long descriptions of installed Python packages.
+def _stdlib_docstrings(max_chars: int, min_doc_chars: int = 300) -> list[tuple[str, str]]:
+    """Docstrings of the CPython standard library (module, class and function docstrings of at
+    least ``min_doc_chars`` characters, one document per module, in file order): English
+    reference prose written by CPython's authors, never part of the evaluation documents
+    (those come from ``pydoc_data.topics``)."""
+    import ast
+    import inspect
+
+    from ctxzip.eval.corpora import stdlib_python_files
+
+    out: list[tuple[str, str]] = []
+    total = 0
+    for f in stdlib_python_files():
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+            continue
+        docs = []
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                d = ast.get_docstring(node, clean=False)
+                if d and len(d) >= min_doc_chars:
+                    d = inspect.cleandoc(d)
+                    if sum(c.isalpha() for c in d) >= 0.6 * len(d):
+                        docs.append(d)
+        if not docs:
+            continue
+        text = "\n\n".join(docs)
+        out.append((f"stdlib-doc:{f.parent.name}/{f.name}", text))
+        total += len(text)
+        if total >= max_chars:
+            break
+    return out
+
+
+def default_corpus(
+    split: str = "train", *, holdout_every: int = 5, metadata_chars: int = 150_000, docstring_chars: int = 0
+) -> list[tuple[str, str]]:
+    """Real local text for distillation: ``pydoc_data.topics`` (CPython's reference prose),
+    the long descriptions of installed Python packages, and (``docstring_chars`` > 0) CPython
+    standard-library docstrings.
 
     Topics are split deterministically by a hash of their key: every ``holdout_every``-th
     (by hash) is held out for evaluation (``split="holdout"``) and never used for training;
-    package descriptions are training-only. Returns ``(source_id, text)`` pairs.
+    package descriptions and docstrings are training-only. Returns ``(source_id, text)`` pairs.
     """
     import pydoc_data.topics as topics
 
@@ -124,6 +162,8 @@ def default_corpus(split: str = "train", *, holdout_every: int = 5, metadata_cha
     ]
     if split == "train" and metadata_chars > 0:
         out += _metadata_prose(metadata_chars)
+    if split == "train" and docstring_chars > 0:
+        out += _stdlib_docstrings(docstring_chars)
     return out
 
 
@@ -218,6 +258,7 @@ def teacher_labels(
     teacher_rate: float = 0.5,
     soft: bool = True,
     iterative: bool = False,
+    sentence_weight: float = 0.0,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Label every word of every sample with the PerplexityCompressor teacher.
@@ -230,6 +271,14 @@ def teacher_labels(
     least informative word, 1 = the most); otherwise 1 for words the teacher keeps at
     ``teacher_rate`` (rank within the top ``teacher_rate`` fraction).
 
+    ``sentence_weight`` > 0 mixes in the teacher's coarse stage (``PerplexityCompressor(
+    sentence_filter=True)``): every word also gets the percentile rank, among the sample's
+    sentences, of its sentence's mean token score - the quantity the teacher's budget
+    controller ranks sentences by - and the soft target is
+    ``sentence_weight * sentence_rank + (1 - sentence_weight) * word_rank``. A student that
+    runs the same coarse stage on its own probabilities then learns the sentence ranking
+    directly instead of having to average it out of noisy word scores.
+
     Returns one record per sample: ``{"text", "ids", "word_of_token", "target"}`` with one
     target per word.
     """
@@ -241,7 +290,7 @@ def teacher_labels(
     teacher = teacher or PerplexityCompressor()
     _, lm_tok = teacher.lm()
     out = []
-    for text in tqdm(sample_texts, desc="teacher", unit="sample", disable=not progress):
+    for si, text in enumerate(tqdm(sample_texts, desc="teacher", unit="sample", disable=not progress)):
         enc = lm_tok(text, add_special_tokens=False, return_offsets_mapping=True)
         lm_ids = list(enc["input_ids"])
         if not lm_ids:
@@ -260,9 +309,31 @@ def teacher_labels(
         ws = _char_word_scores(len(text), lm_offs, scores, spans)
         ranks = np.argsort(np.argsort(ws, kind="stable"), kind="stable")
         pct = ranks / max(len(ws) - 1, 1)
-        target = pct if soft else (pct >= 1.0 - teacher_rate).astype(np.float64)
-        out.append({"text": text, "ids": ids, "word_of_token": wid, "target": target})
+        if sentence_weight > 0:
+            pct = sentence_weight * _sentence_rank(text, lm_offs, scores, spans) + (1 - sentence_weight) * pct
+        target = pct if soft else (pct >= np.quantile(pct, 1.0 - teacher_rate)).astype(np.float64)
+        out.append({"text": text, "ids": ids, "word_of_token": wid, "target": target, "index": si})
     return out
+
+
+def _sentence_rank(text: str, lm_offs: np.ndarray, lm_scores: np.ndarray, spans: np.ndarray) -> np.ndarray:
+    """Per word: percentile rank (0..1) among the text's sentences of its sentence's mean LM
+    token score (sentences and token-to-sentence mapping as in the teacher's coarse stage)."""
+    from ctxzip.prompt.perplexity import split_sentences
+
+    sents = split_sentences(text)
+    starts = np.asarray([a for a, _ in sents])
+    n = len(sents)
+    tok_sent = np.clip(np.searchsorted(starts, np.maximum(lm_offs[:, 1] - 1, lm_offs[:, 0]), side="right") - 1, 0, n - 1)
+    cnt = np.bincount(tok_sent, minlength=n)
+    mean = np.bincount(tok_sent, weights=lm_scores, minlength=n) / np.maximum(cnt, 1)
+    has = cnt > 0
+    rank = np.full(n, 0.5)
+    if has.sum() > 1:
+        r = np.argsort(np.argsort(mean[has], kind="stable"), kind="stable")
+        rank[has] = r / (has.sum() - 1)
+    word_sent = np.clip(np.searchsorted(starts, spans[:, 0], side="right") - 1, 0, n - 1)
+    return rank[word_sent]
 
 
 # ---------------------------------------------------------------------- pairs (LLMLingua-2 format)
@@ -611,6 +682,8 @@ def distill_default(
     asset_dir: str | os.PathLike | None = None,
     max_samples: int | None = None,
     metadata_chars: int = 150_000,
+    docstring_chars: int = 0,
+    sentence_weight: float = 0.0,
     teacher_rate: float = 0.5,
     config: DistillConfig | None = None,
     labels_cache: str | os.PathLike | None = None,
@@ -629,33 +702,54 @@ def distill_default(
 
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(encoder_path())
-    corpus = default_corpus("train", metadata_chars=metadata_chars)
+    corpus = default_corpus("train", metadata_chars=metadata_chars, docstring_chars=docstring_chars)
     smp = samples([t for _, t in corpus], tok)
     if max_samples is not None:
         rng = np.random.default_rng(0)
-        idx = np.sort(rng.permutation(len(smp))[:max_samples])
+        # a prefix of one fixed permutation: a smaller cap reuses the labels of a larger run
+        idx = rng.permutation(len(smp))[:max_samples]
         smp = [smp[i] for i in idx]
+    recs: list[dict[str, Any]] = []
+    n_done = 0
+    label_seconds = 0.0
+    settings = {"teacher_rate": teacher_rate, "sentence_weight": sentence_weight}
     if labels_cache is not None and Path(labels_cache).is_file():
         import pickle
 
         with open(labels_cache, "rb") as fh:
             cached = pickle.load(fh)
-        if cached.get("samples") != smp or cached.get("teacher_rate") != teacher_rate:
+        done = cached.get("samples", [])
+        m = min(len(done), len(smp))
+        if cached.get("settings") != settings or done[:m] != smp[:m]:
             raise ValueError(f"{labels_cache} was made from other samples or settings; delete it to relabel")
-        recs = cached["records"]
-    else:
-        recs = teacher_labels(smp, tok, teacher_rate=teacher_rate, progress=progress)
+        recs = [r for r in cached["records"] if r["sample"] < m]
+        n_done = m
+        label_seconds = float(cached.get("seconds", 0.0)) * m / max(len(done), 1)
+    # label in blocks, saving after each, so an interrupted run resumes where it stopped
+    block = 25
+    for i in range(n_done, len(smp), block):
+        tb = time.perf_counter()
+        new = teacher_labels(smp[i : i + block], tok, teacher_rate=teacher_rate, sentence_weight=sentence_weight,
+                             progress=progress)
+        for r in new:
+            r["sample"] = i + r.pop("index")
+        recs += new
+        label_seconds += time.perf_counter() - tb
         if labels_cache is not None:
             import pickle
 
             Path(labels_cache).parent.mkdir(parents=True, exist_ok=True)
-            with open(labels_cache, "wb") as fh:
-                pickle.dump({"samples": smp, "teacher_rate": teacher_rate, "records": recs}, fh)
+            tmp = Path(str(labels_cache) + ".tmp")
+            with open(tmp, "wb") as fh:
+                pickle.dump({"samples": smp[: i + block], "settings": settings, "records": recs,
+                             "seconds": label_seconds}, fh)
+            os.replace(tmp, labels_cache)
     t_teacher = time.perf_counter() - t0
     n_ev = max(1, len(recs) // 10)
     ev, tr = recs[::10][:n_ev], [r for i, r in enumerate(recs) if i % 10 != 0]
     model, tok, log = train(tr, config=config, eval_records=ev, out_dir=out_dir, progress=progress)
-    log["teacher_seconds"] = t_teacher
+    log["teacher_seconds"] = label_seconds
+    log["teacher_seconds_this_run"] = t_teacher
     log["corpus"] = {
         "sources": [s for s, _ in corpus],
         "chars": sum(len(t) for _, t in corpus),
@@ -663,7 +757,8 @@ def distill_default(
         "classifier_tokens": int(sum(len(r["ids"]) for r in recs)),
         "holdout_topics": holdout_topic_keys(),
     }
-    log["teacher"] = {"model": "SmolLM2-135M-Instruct (offline)", "method": "PerplexityCompressor", "rate": teacher_rate, "soft": True}
+    log["teacher"] = {"model": "SmolLM2-135M-Instruct (offline)", "method": "PerplexityCompressor (token self-information, full prefix)",
+                      "rate": teacher_rate, "soft": True, "sentence_weight": sentence_weight}
     log["total_seconds"] = time.perf_counter() - t0
     if asset_dir is not None:
         export_partial(model, asset_dir, log["trained_layers"], meta={"distill_log": log})

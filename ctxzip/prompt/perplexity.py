@@ -63,6 +63,9 @@ __all__ = ["PerplexityCompressor", "split_sentences"]
 
 #: suffix LongLLMLingua appends to the question when ranking contexts (anchor:
 #: ``get_rank_results(..., rank_method="longllmlingua")``).
+#: memo of full-prefix scores (see ``token_scores``), oldest first, at most 8 entries.
+_FULL_SCORES: dict[tuple[Any, ...], tuple[Any, np.ndarray]] = {}
+
 RANK_SUFFIX = " We can get the answer to this question in the given documents."
 
 
@@ -216,7 +219,15 @@ class PerplexityCompressor(TextCompressor):
         if query and self.contrastive:
             streams.append(start_ids)  # unconditioned stream for loss(x | prefix)
         if keep_counts is None and len(q_ids) + n <= self.max_context:
-            # nothing dropped: one forward pass per stream scores every token
+            # nothing dropped: one forward pass per stream scores every token. The scores depend
+            # only on (model, ids, query, contrastive): the last few are memoised, so the
+            # same text compressed at several rates (or by the sentence unit and the budget
+            # controller) pays the pass once.
+            model = self.lm()[0]
+            key = (id(model), tuple(ids), query, bool(query and self.contrastive))
+            hit = _FULL_SCORES.get(key)
+            if hit is not None and hit[0] is model:
+                return hit[1].copy(), np.ones(n, dtype=bool)
             losses = []
             for pre in streams:
                 logits, _ = self._forward(pre + list(ids), None, 0)
@@ -224,7 +235,11 @@ class PerplexityCompressor(TextCompressor):
                 tgt = torch.tensor(list(ids), dtype=torch.long, device=pred.device)
                 losses.append(torch.nn.functional.cross_entropy(pred, tgt, reduction="none"))
             s = (losses[1] - losses[0]) if len(losses) == 2 else losses[0]
-            return s.double().cpu().numpy(), np.ones(n, dtype=bool)
+            arr = s.double().cpu().numpy()
+            _FULL_SCORES[key] = (model, arr.copy())
+            while len(_FULL_SCORES) > 8:
+                _FULL_SCORES.pop(next(iter(_FULL_SCORES)))
+            return arr, np.ones(n, dtype=bool)
         scores = np.zeros(n, dtype=np.float64)
         kept = np.zeros(n, dtype=bool)
 
