@@ -31,9 +31,9 @@ def register(sub: Any) -> None:
     d.add_argument("--teacher-rate", type=float, default=0.5, help="teacher keep rate (hard labels / iterative mode)")
     d.add_argument("--hard", action="store_true", help="hard 0/1 labels at --teacher-rate instead of soft percentile targets")
     d.add_argument("--max-samples", type=int, default=None, help="cap the number of training samples")
-    d.add_argument("--metadata-chars", type=int, default=600_000, help="characters of package descriptions in the default corpus")
-    d.add_argument("--docstring-chars", type=int, default=1_000_000, help="--default: characters of CPython stdlib docstrings in the corpus")
-    d.add_argument("--sentence-weight", type=float, default=0.5,
+    d.add_argument("--metadata-chars", type=int, default=None, help="characters of package descriptions in the default corpus")
+    d.add_argument("--docstring-chars", type=int, default=None, help="--default: characters of CPython stdlib docstrings in the corpus")
+    d.add_argument("--sentence-weight", type=float, default=None,
                    help="--default: weight of the teacher's sentence ranking in the soft targets (0 = word ranks only)")
     d.add_argument("--labels-cache", default=None, help="--default: pickle file for the teacher labels (reused when present)")
     d.add_argument("--epochs", type=int, default=None)
@@ -55,6 +55,8 @@ def _distill(args: argparse.Namespace) -> int:
     cfg = D.DistillConfig()
     for k in ("epochs", "train_layers", "lr", "batch_size"):
         v = getattr(args, k)
+        if v is None and args.default:
+            v = D.DEFAULT_RECIPE[k]
         if v is not None:
             setattr(cfg, k, v)
     progress = not args.no_progress
@@ -62,9 +64,12 @@ def _distill(args: argparse.Namespace) -> int:
         if args.texts or args.pairs:
             raise ValueError("--default uses the built-in corpus; drop --texts/--pairs")
         asset = args.asset_dir or str(D.default_asset_dir())
+        R = D.DEFAULT_RECIPE
         log = D.distill_default(
-            args.out, asset_dir=asset, max_samples=args.max_samples if args.max_samples is not None else 1000, metadata_chars=args.metadata_chars,
-            docstring_chars=args.docstring_chars, sentence_weight=args.sentence_weight,
+            args.out, asset_dir=asset, max_samples=args.max_samples if args.max_samples is not None else R["max_samples"],
+            metadata_chars=args.metadata_chars if args.metadata_chars is not None else R["metadata_chars"],
+            docstring_chars=args.docstring_chars if args.docstring_chars is not None else R["docstring_chars"],
+            sentence_weight=args.sentence_weight if args.sentence_weight is not None else R["sentence_weight"],
             teacher_rate=args.teacher_rate, config=cfg, progress=progress, labels_cache=args.labels_cache,
         )
         print(json.dumps({k: log[k] for k in ("n_train", "n_eval", "epochs", "total_seconds", "teacher_seconds") if k in log}, indent=1))

@@ -55,6 +55,19 @@ __all__ = [
 
 ASSET_NAME = "lingua2-minilm"
 
+#: the recipe of the shipped default (``ctxzip prompt distill --default`` uses it unless told
+#: otherwise). ``max_samples`` is what the CPU time available allowed (see docs/prompt.md).
+DEFAULT_RECIPE: dict[str, Any] = {
+    "max_samples": 150,
+    "metadata_chars": 600_000,
+    "docstring_chars": 1_000_000,
+    "sentence_weight": 0.5,
+    "epochs": 3,
+    "batch_size": 8,
+    "lr": 3e-4,
+    "train_layers": 2,
+}
+
 
 def default_asset_dir() -> Path:
     """Folder of the shipped default classifier (partial weights + metadata)."""
