@@ -30,7 +30,8 @@ import numpy as np
 
 __all__ = ["OnnxClassifier", "onnxruntime_available"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SMOOTH_ALL = ("qkv", "ffn_in", "attn_out", "ffn_out", "head")
 
 
 def onnxruntime_available() -> bool:
@@ -96,14 +97,19 @@ class OnnxClassifier:
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, quantize: bool = True, threads: int | None = None,
-                 alpha: float = 0.8, cache: str | os.PathLike | bool | None = None) -> None:
+                 alpha: float = 0.8, smooth: tuple[str, ...] = SMOOTH_ALL, fast_gelu: bool = False,
+                 cache: str | os.PathLike | bool | None = None) -> None:
         ort = _require()
         import torch
 
         self.threads = int(threads or torch.get_num_threads())
         self.quantize = quantize
         self.alpha = float(alpha)
-        key = _weights_hash(model, f"v{FORMAT_VERSION}-q{int(quantize)}-a{alpha}-{ort.__version__}")
+        self.smooth = tuple(smooth)
+        self.fast_gelu = bool(fast_gelu)
+        key = _weights_hash(
+            model, f"v{FORMAT_VERSION}-q{int(quantize)}-a{alpha}-s{','.join(self.smooth)}-g{int(fast_gelu)}-{ort.__version__}"
+        )
         if cache is False:
             import tempfile
 
@@ -118,13 +124,19 @@ class OnnxClassifier:
         final = folder / f"lingua2-{key}.onnx"
         if not final.exists():
             self._convert(model, tokenizer, final)
+        self.path = final
+        self.session = self._session(self.threads)
+        self._single: Any = None  # one-thread session for chunk-parallel runs
+
+    def _session(self, threads: int) -> Any:
+        import onnxruntime as ort
+
         so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
+        so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
-        self.session = ort.InferenceSession(str(final), so, providers=["CPUExecutionProvider"])
-        self.path = final
+        return ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
 
     # ------------------------------------------------------------------ conversion
     def _convert(self, model: Any, tokenizer: Any, final: Path) -> None:
@@ -165,10 +177,13 @@ class OnnxClassifier:
         cfg = model.config
         try:
             from onnxruntime.transformers import optimizer
+            from onnxruntime.transformers.fusion_options import FusionOptions
 
+            fo = FusionOptions("bert")
+            fo.enable_gelu_approximation = self.fast_gelu
             opt = optimizer.optimize_model(
                 str(raw), model_type="bert", num_heads=int(cfg.num_attention_heads),
-                hidden_size=int(cfg.hidden_size), opt_level=1,
+                hidden_size=int(cfg.hidden_size), opt_level=1, optimization_options=fo,
             )
             src = tmp / "opt.onnx"
             opt.save_model_to_file(str(src))
@@ -231,14 +246,42 @@ class OnnxClassifier:
                 v = np.abs(a).reshape(-1, a.shape[-1]).max(0)
                 amax[nm] = np.maximum(amax[nm], v) if nm in amax else v
         # rewrite
+        producer = {o: n for n in g.graph.node for o in n.output}
+
+        def source(name: str) -> Any:
+            """The node computing ``name``, looking through reshapes/transposes."""
+            n = producer.get(name)
+            while n is not None and n.op_type in ("Reshape", "Transpose", "Identity") and n.input:
+                n = producer.get(n.input[0])
+            return n
+
+        last = max(k for k, (n, _) in enumerate(targets))
         new_nodes = []
         for k, (n, wname) in enumerate(targets):
+            src_node = source(n.input[0])
+            kind = "qkv" if n.op_type == "Attention" else (
+                "head" if k == last else
+                "attn_out" if src_node is not None and src_node.op_type == "Attention" else
+                "ffn_out" if src_node is not None and "Gelu" in src_node.op_type else "ffn_in")
+            if kind not in self.smooth:
+                continue
             w = numpy_helper.to_array(inits[wname]).astype(np.float32)
             act = amax[n.input[0]].astype(np.float32)
             wmax = np.abs(w).max(1)
             s = (np.maximum(act, 1e-5) ** self.alpha / np.maximum(wmax, 1e-5) ** (1 - self.alpha)).astype(np.float32)
             s = np.clip(s, 1e-5, None)
             inits[wname].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), wname))
+            if kind == "attn_out" and len(src_node.input) > 2 and src_node.input[1] in inits and src_node.input[2] in inits:
+                # fold 1/s into the value projection (context = softmax(QK) V is linear in V)
+                qw = numpy_helper.to_array(inits[src_node.input[1]]).astype(np.float32).copy()
+                qb = numpy_helper.to_array(inits[src_node.input[2]]).astype(np.float32).copy()
+                h = qw.shape[1] // 3
+                if h == len(s) and qb.shape[0] == 3 * h:
+                    qw[:, 2 * h :] /= s[None, :]
+                    qb[2 * h :] /= s
+                    inits[src_node.input[1]].CopyFrom(numpy_helper.from_array(qw, src_node.input[1]))
+                    inits[src_node.input[2]].CopyFrom(numpy_helper.from_array(qb, src_node.input[2]))
+                    continue
             inv_name = f"ctxzip_smooth_inv_{k}"
             g.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inv_name))
             out_name = f"ctxzip_smooth_x_{k}"
@@ -265,3 +308,33 @@ class OnnxClassifier:
         x = np.ascontiguousarray(input_ids, dtype=np.int64)
         m = np.ones_like(x) if attention_mask is None else np.ascontiguousarray(attention_mask, dtype=np.int64)
         return self.session.run(None, {"input_ids": x, "attention_mask": m})[0]
+
+    def map(self, seqs: list[list[int]], progress: Any = None) -> list[np.ndarray]:
+        """Keep probabilities of several unpadded sequences, ``(len,)`` each.
+
+        With ``threads > 1`` and at least as many sequences as threads, the sequences are spread
+        over ``threads`` workers that each run one sequence on one core (ONNX Runtime releases
+        the GIL): on a small encoder this scales better than splitting every operator across
+        cores. Longest sequences go first, so the workers finish together."""
+        if self.threads <= 1 or len(seqs) < self.threads:
+            out = []
+            for s in seqs:
+                out.append(self(np.asarray([s], dtype=np.int64))[0])
+                if progress is not None:
+                    progress.update(1)
+            return out
+        if self._single is None:
+            self._single = self._session(1)
+        sess = self._single
+
+        def one(s: list[int]) -> np.ndarray:
+            x = np.asarray([s], dtype=np.int64)
+            r = sess.run(None, {"input_ids": x, "attention_mask": np.ones_like(x)})[0][0]
+            if progress is not None:
+                progress.update(1)
+            return r
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=self.threads) as ex:
+            return list(ex.map(one, seqs))

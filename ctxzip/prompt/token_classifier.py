@@ -333,11 +333,13 @@ class TokenClassifierCompressor(TextCompressor):
                 if n_in < b - a:  # cannot happen with the anchor's chunking; be safe
                     probs[a + n_in : b] = p[r, off + n_in - 1]
 
-        bar = tqdm(batches, desc="classify", unit="chunk" if bs == 1 else "batch", disable=len(batches) < 8, leave=False)
         if self._ort is not None:
-            for bidx in bar:
-                put(bidx, self._ort(np.asarray([seqs[bidx[0]]], dtype=np.int64)).astype(np.float64))
+            with tqdm(total=len(order), desc="classify", unit="chunk", disable=len(order) < 8, leave=False) as bar:
+                outs = self._ort.map([seqs[i] for i in order], progress=bar)
+            for i, p in zip(order, outs):
+                put([i], p[None, :].astype(np.float64))
             return probs
+        bar = tqdm(batches, desc="classify", unit="chunk" if bs == 1 else "batch", disable=len(batches) < 8, leave=False)
         with torch.inference_mode():
             for bidx in bar:
                 if len(bidx) == 1:
