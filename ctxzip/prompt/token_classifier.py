@@ -33,11 +33,10 @@ What is different from the anchor, and why (see ``docs/prompt.md``):
 * The output keeps the original spelling, case and line breaks of the kept words (the anchor
   rebuilds text from tokens, which lower-cases with uncased models and joins chunks without a
   separator). ``[UNK]`` words are kept as text; the anchor silently deletes them.
-* On CPU every chunk is run on its own, unpadded and without an attention mask (the anchor pads
-  every chunk to 512 in batches of 50); on GPU, batches are sorted by length and padded only to
-  their longest member. ``fast=`` adds approximate inference on top: ONNX Runtime with fused
-  attention and SmoothQuant-smoothed dynamic int8 (:mod:`ctxzip.prompt.onnx_backend`), or
-  torch bfloat16 / dynamic int8.
+* Batches are sorted by length and padded only to their longest member (the anchor pads every
+  chunk to 512). ``fast=`` adds approximate inference on top: ONNX Runtime with fused attention
+  and SmoothQuant-smoothed dynamic int8, one unpadded chunk per call spread over the worker
+  threads (:mod:`ctxzip.prompt.onnx_backend`), or torch bfloat16 / dynamic int8.
 """
 
 from __future__ import annotations
@@ -300,10 +299,10 @@ class TokenClassifierCompressor(TextCompressor):
     def _token_probs(self, ids: np.ndarray, chunks: list[tuple[int, int]]) -> np.ndarray:
         """Keep probability of every token (``[CLS] chunk [SEP]`` per chunk).
 
-        On CPU (and with ONNX Runtime) each chunk is one forward pass without padding or
-        attention mask: matrices of ~500 x hidden are already large enough for the CPU's matrix
-        kernels, and nothing is computed for padding. On GPU, chunks are batched
-        (``batch_size``), sorted by length and padded to the longest of their batch."""
+        torch: chunks are batched (``batch_size``), sorted by length and padded only to the
+        longest of their batch (the anchor pads all to ``max_seq_len``). ONNX Runtime: each
+        chunk is one unpadded call, and the calls are spread over the worker threads
+        (:meth:`ctxzip.prompt.onnx_backend.OnnxClassifier.map`)."""
         import torch
 
         model, tok = self.classifier()
@@ -322,7 +321,7 @@ class TokenClassifierCompressor(TextCompressor):
         dtype = next(model.parameters()).dtype
         from tqdm.auto import tqdm
 
-        bs = 1 if (self._ort is not None or dev.type == "cpu") else self.batch_size
+        bs = self.batch_size
         batches = [order[i : i + bs] for i in range(0, len(order), bs)]
 
         def put(bidx: list[int], p: np.ndarray) -> None:
