@@ -85,6 +85,42 @@ def _cpu_flags() -> list[str]:
     return sorted(f for f in flags if f.startswith(("avx512_bf16", "avx512_vnni", "amx", "avx2", "avx512f")))
 
 
+def plot(info: dict, png: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    results = info["results"]
+    names = list(results[0]["words_per_s"])
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = [r["words"] for r in results]
+    for name in names:
+        ax.plot(xs, [r["words_per_s"][name] for r in results], marker="o", label=name)
+        if name != "anchor":
+            ys = [r["speedup_vs_anchor"][name] for r in results]
+            ax2.plot(xs, ys, marker="o", label=name)
+            for x, y, r in zip(xs, ys, results):
+                ax2.annotate(f"{100 * r['agreement'][name]['identical']:.1f}%", (x, y), textcoords="offset points",
+                             xytext=(0, 6), ha="center", fontsize=7)
+    ax2.axhline(3.0, color="grey", ls="--", lw=1, label="goal 3x")
+    for a in (ax, ax2):
+        a.set_xscale("log")
+        a.set_xticks(xs, [f"{x // 1000}k" for x in xs])
+        a.minorticks_off()
+        a.set_xlabel("input words (pydoc_data.topics)")
+        a.legend(fontsize=8)
+    m = info["machine"]
+    ax.set_ylabel("words / s (median wall)")
+    ax.set_title(f"LLMLingua-2, same MiniLM, {m['torch_threads']} threads, load {m['loadavg'][0]:.0f}", fontsize=10)
+    ax2.set_ylabel("speed-up vs llmlingua 0.2.2")
+    ax2.set_title("labels: % keep-decisions identical to the anchor", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -95,7 +131,11 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.33)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(OUT / "prompt_speed.json"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
+        return
     sizes = args.sizes or ([2000, 10000] if args.quick else [2000, 10000, 50000])
 
     def reps_for(n: int) -> int:
@@ -198,34 +238,7 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(info, indent=1))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        xs = [r["words"] for r in results]
-        for name in ["anchor", *ours]:
-            ax.plot(xs, [r["words_per_s"][name] for r in results], marker="o", label=name)
-            if name != "anchor":
-                ys = [r["speedup_vs_anchor"][name] for r in results]
-                ax2.plot(xs, ys, marker="o", label=name)
-                for x, y, r in zip(xs, ys, results):
-                    ax2.annotate(f"{100 * r['agreement'][name]['identical']:.1f}%", (x, y), textcoords="offset points",
-                                 xytext=(0, 6), ha="center", fontsize=7)
-        ax2.axhline(3.0, color="grey", ls="--", lw=1, label="goal 3x")
-        for a in (ax, ax2):
-            a.set_xscale("log")
-            a.set_xlabel("input words (pydoc_data.topics)")
-            a.legend(fontsize=8)
-        ax.set_ylabel("words / s (median wall)")
-        ax2.set_ylabel("speed-up vs llmlingua 0.2.2 (labels: identical decisions)")
-        ax.set_title(f"LLMLingua-2 speed, same MiniLM, {args.threads} threads")
-        fig.tight_layout()
-        fig.savefig(Path(args.out).with_suffix(".png"), dpi=120)
-    except ImportError:
-        pass
+    plot(info, Path(args.out).with_suffix(".png"))
     print(f"wrote {args.out}")
 
 
