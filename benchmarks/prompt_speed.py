@@ -25,10 +25,12 @@ separately as ``setup_seconds`` and not counted in words/s.
 from __future__ import annotations
 
 import argparse
+import atexit
 import difflib
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -152,7 +154,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    tmp = Path(tempfile.mkdtemp()) / "bert-base-multilingual-cased-ctxzip-minilm"
+    tmp_root = tempfile.mkdtemp(prefix="ctxzip-speed-")
+    atexit.register(shutil.rmtree, tmp_root, ignore_errors=True)
+    tmp = Path(tmp_root) / "bert-base-multilingual-cased-ctxzip-minilm"
     model, tok = load_default_classifier()
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)

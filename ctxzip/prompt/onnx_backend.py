@@ -140,13 +140,22 @@ class OnnxClassifier:
 
     # ------------------------------------------------------------------ conversion
     def _convert(self, model: Any, tokenizer: Any, final: Path) -> None:
-        import copy
+        import shutil
         import tempfile
+
+        # work next to the final file (same file system for the atomic rename); always clean up
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=final.parent))
+        try:
+            self._convert_in(model, tokenizer, final, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _convert_in(self, model: Any, tokenizer: Any, final: Path, tmp: Path) -> None:
+        import copy
         import warnings
 
         import torch
 
-        tmp = Path(tempfile.mkdtemp(prefix="ctxzip-onnx-"))
         m = copy.deepcopy(model).float().cpu().eval()
         if hasattr(m, "set_attn_implementation"):
             # the plain attention graph is what ORT's optimizer fuses into one Attention op
