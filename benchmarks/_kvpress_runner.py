@@ -139,7 +139,7 @@ def main() -> int:
             row["prefill_s"]["eager" if eager else "sdpa"] = time.perf_counter() - t0
             for (name, keep), cache in caches.items():
 
-                def make_cache(m, ids, cache=cache):
+                def make_cache(m, ids, cache=cache, pre=pre):
                     if ids.shape != pre.shape:
                         raise RuntimeError("prefill ids differ from the scorer's")
                     return cache, ids.shape[1]

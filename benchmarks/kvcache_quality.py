@@ -155,7 +155,7 @@ def run_ctxzip(evaluator, cases, names, keeps, pdir: Path) -> None:
             row.setdefault("prefill_s", []).append(time.perf_counter() - t0)
             for (name, keep), cache in caches.items():
 
-                def make_cache(m, x, cache=cache):
+                def make_cache(m, x, cache=cache, ids=ids):
                     if x.shape != ids.shape:
                         raise RuntimeError("prefill ids differ from the scorer's")
                     return cache, x.shape[1]

@@ -20,8 +20,11 @@ from .generate import prefill
 from .h2o import H2OPress
 from .knorm import KNormPress
 from .lowrank import LowRankPress
+from .observed_attention import ObservedAttentionPress
+from .pyramidkv import PyramidKVPress
 from .snapkv import SnapKVPress
 from .streaming_llm import StreamingLLMPress
+from .tova import TOVAPress
 
 __all__ = ["PRESSES", "QUALITY_PRESSES", "make_press", "evaluate_press", "compress_many"]
 
@@ -38,6 +41,13 @@ PRESSES: dict[str, Callable[..., BasePress]] = {
     "h2o": lambda b, **kw: H2OPress(budget=b, **kw),
     "knorm": lambda b, **kw: KNormPress(budget=b, **kw),
     "ems": lambda b, **kw: EMSPress(budget=b, **kw),
+    "observed_attention": lambda b, **kw: ObservedAttentionPress(budget=b, **kw),
+    "observed_attention_adaptive": lambda b, **kw: ObservedAttentionPress(
+        budget=b, head_budget="adaptive", **kw
+    ),
+    "tova": lambda b, **kw: TOVAPress(budget=b, **kw),
+    "pyramidkv": lambda b, **kw: PyramidKVPress(budget=b, **kw),
+    "pyramidkv_adaptive": lambda b, **kw: PyramidKVPress(budget=b, head_budget="adaptive", **kw),
     "gear": lambda b, **kw: GEARPress(budget=b, **kw),
     "lowrank": _lowrank,
     "snapkv+gear": lambda b, **kw: EvictThenQuantizePress(
@@ -54,6 +64,11 @@ QUALITY_PRESSES: tuple[str, ...] = (
     "h2o",
     "knorm",
     "ems",
+    "observed_attention",
+    "observed_attention_adaptive",
+    "tova",
+    "pyramidkv",
+    "pyramidkv_adaptive",
 )
 
 
@@ -109,7 +124,7 @@ def _score_key(press: BasePress) -> tuple | None:
     """Presses that share a key compute identical scores (same class and settings, any budget)."""
     if not isinstance(press, ScorerPress):
         return None
-    cfg = {k: v for k, v in vars(press).items() if k not in ("budget", "score")}
+    cfg = {k: v for k, v in vars(press).items() if k not in ("budget", "score") and not k.startswith("_")}
     return (type(press), repr(sorted(cfg.items(), key=lambda kv: kv[0])))
 
 
