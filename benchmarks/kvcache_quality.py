@@ -41,7 +41,12 @@ sys.path.insert(0, str(ROOT))
 
 from ctxzip.budget import Budget  # noqa: E402
 from ctxzip.eval import ContextEvaluator, code_documents, prose_documents  # noqa: E402
-from ctxzip.kvcache.evaluate import QUALITY_PRESSES, compress_many, make_press  # noqa: E402
+from ctxzip.kvcache.evaluate import (  # noqa: E402
+    EVICTION_PRESSES,
+    QUALITY_PRESSES,
+    compress_many,
+    make_press,
+)
 
 RESULTS = ROOT / "benchmarks" / "results"
 TARGETS = ("continuation", "recall")
@@ -284,7 +289,8 @@ def main() -> int:
     ap.add_argument("--continuation-tokens", type=int, default=None, help="default 128")
     ap.add_argument("--recall-spans", type=int, default=None, help="default 16")
     ap.add_argument("--presses", default=",".join(QUALITY_PRESSES),
-                    help="comma-separated ctxzip press names (ctxzip.kvcache.evaluate.PRESSES)")
+                    help="comma-separated ctxzip press names (ctxzip.kvcache.evaluate.PRESSES), "
+                    "or 'all' for every eviction press")
     ap.add_argument("--cache-dir", default=None,
                     help="per-document results (default ~/.cache/ctxzip/kvcache_quality)")
     ap.add_argument("--kvpress-python", default=os.environ.get(
@@ -303,7 +309,8 @@ def main() -> int:
     args.context_tokens = args.context_tokens or (512 if args.quick else 1024)
     args.continuation_tokens = args.continuation_tokens or (64 if args.quick else 128)
     args.recall_spans = args.recall_spans or (8 if args.quick else 16)
-    names = [n.strip() for n in args.presses.split(",") if n.strip()]
+    names = list(EVICTION_PRESSES) if args.presses == "all" else [
+        n.strip() for n in args.presses.split(",") if n.strip()]
     for n in names:
         make_press(n, Budget(rate=0.5))  # fail early on a bad name
     keeps = KEEPS
