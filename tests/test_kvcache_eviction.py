@@ -24,7 +24,7 @@ from ctxzip.kvcache import (
     pyramid_budgets,
 )
 from ctxzip.kvcache.base import LayerContext
-from ctxzip.kvcache.evaluate import QUALITY_PRESSES, compress_many, make_press
+from ctxzip.kvcache.evaluate import EVICTION_PRESSES, compress_many, make_press
 from ctxzip.testing import TINY_FAMILIES, tiny_causal_lm
 
 T = 48
@@ -200,7 +200,7 @@ def test_pyramid_budgets_shape():
 def test_compress_many_equals_one_press_at_a_time(models, family):
     model = models[family]
     ids, new = _ids(1), _ids(1, N_NEW, seed=9)
-    presses = {(n, r): make_press(n, Budget(rate=r)) for n in QUALITY_PRESSES for r in (0.5, 0.1)}
+    presses = {(n, r): make_press(n, Budget(rate=r)) for n in EVICTION_PRESSES for r in (0.5, 0.1)}
     caches = compress_many(model, ids, presses)
     assert set(caches) == set(presses)
     with torch.no_grad():
