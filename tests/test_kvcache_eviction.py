@@ -18,6 +18,7 @@ from ctxzip.kvcache import (
     ObservedAttentionPress,
     PyramidKVPress,
     RaggedLayer,
+    SnapKVPress,
     TOVAPress,
     cache_nbytes,
     prefill,
@@ -45,6 +46,8 @@ def press_by_name(name: str, budget: Budget):
         return ObservedAttentionPress(budget=budget, normalize=False, gqa="sum")
     if name == "tova":
         return TOVAPress(budget=budget)
+    if name == "snapkv_gqa_max":
+        return SnapKVPress(budget=budget, window=8, gqa="max")
     if name == "pyramidkv":
         return PyramidKVPress(budget=budget, window=8)
     if name == "pyramidkv_adaptive":
@@ -52,7 +55,10 @@ def press_by_name(name: str, budget: Budget):
     raise KeyError(name)
 
 
-NAMES = ["observed", "observed_adaptive", "h2o_raw", "tova", "pyramidkv", "pyramidkv_adaptive"]
+NAMES = [
+    "observed", "observed_adaptive", "h2o_raw", "tova", "pyramidkv", "pyramidkv_adaptive",
+    "snapkv_gqa_max",
+]
 
 
 def _ids(b=1, t=T, seed=0):
@@ -117,7 +123,7 @@ def test_budget_respected_and_positions_continue(models, family, name):
     assert cache_nbytes(cache) < cache_nbytes(dense)
 
 
-PAD_EXACT = ["observed", "h2o_raw", "tova", "pyramidkv"]
+PAD_EXACT = ["observed", "h2o_raw", "tova", "pyramidkv", "snapkv_gqa_max"]
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -194,6 +200,8 @@ def test_pyramid_budgets_shape():
         TOVAPress(window=0)
     with pytest.raises(ValueError):
         ObservedAttentionPress(gqa="max")
+    with pytest.raises(ValueError):
+        SnapKVPress(gqa="median")
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
