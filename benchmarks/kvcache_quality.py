@@ -50,6 +50,9 @@ from ctxzip.kvcache.evaluate import (  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TARGETS = ("continuation", "recall")
+#: differences below this are ties: the two sides then keep the same tokens (e.g. observed
+#: attention from ctxzip's kernels vs kvpress's eager matrix) and differ only by fp32 noise
+TIE = 1e-4
 KEEPS = (0.5, 0.25, 0.1)
 
 
@@ -244,7 +247,7 @@ def summarize(quality: dict, keeps, kinds) -> dict:
                 row = {s: {"press": b[1], "retained": b[0]} for s, b in best.items()}
                 if len(best) == 2:
                     row["ctxzip_minus_kvpress"] = best["ctxzip"][0] - best["kvpress"][0]
-                    row["ctxzip_ge_kvpress"] = bool(best["ctxzip"][0] >= best["kvpress"][0] - 1e-9)
+                    row["ctxzip_ge_kvpress"] = bool(best["ctxzip"][0] >= best["kvpress"][0] - TIE)
                 summ[f"keep={keep} {kind} {t}"] = row
     return summ
 
@@ -357,7 +360,8 @@ def main() -> int:
     result["goal_ctxzip_best_ge_kvpress_best"] = {
         "cells": len(cells),
         "ctxzip_ge": sum(v["ctxzip_ge_kvpress"] for v in cells),
-        "ctxzip_strictly_ahead": sum(v["ctxzip_minus_kvpress"] > 1e-9 for v in cells),
+        "ctxzip_strictly_ahead": sum(v["ctxzip_minus_kvpress"] > TIE for v in cells),
+        "tie_tolerance": TIE,
         "all": bool(cells) and all(v["ctxzip_ge_kvpress"] for v in cells),
     }
     result["wall_s_this_invocation"] = time.time() - t_start
