@@ -20,8 +20,11 @@ from .generate import generate, prefill
 from .h2o import H2OPress
 from .knorm import KNormPress
 from .lowrank import LowRankLayer, LowRankPress, PCACalibration, calibrate_pca
+from .observed_attention import ObservedAttentionPress, observed_attention_score
+from .pyramidkv import PyramidKVPress, pyramid_budgets
 from .snapkv import SnapKVPress
 from .streaming_llm import StreamingLLMPress
+from .tova import TOVAPress
 
 __all__ = [
     "BasePress",
@@ -48,6 +51,11 @@ __all__ = [
     "PCACalibration",
     "calibrate_pca",
     "DecodingPress",
+    "ObservedAttentionPress",
+    "observed_attention_score",
+    "TOVAPress",
+    "PyramidKVPress",
+    "pyramid_budgets",
     "generate",
     "prefill",
 ]
