@@ -192,8 +192,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--cache-dir", type=Path, default=ROOT / "benchmarks" / "results" / "cache"
-                    / "code_completion", help="per-module results (resume); '' to disable")
+    ap.add_argument("--cache-dir", type=Path, default=None,
+                    help="per-module results, for resuming (default: <ctxzip cache>/bench/"
+                    "code_completion, keyed by the config; '' to disable)")
     args = ap.parse_args()
     n_modules = 2 if args.quick else args.n_modules
     max_context = args.max_context or (2048 if args.quick else 10**9)
@@ -224,7 +225,11 @@ def main() -> None:
     cfg = {k: v for k, v in vars(args).items() if k not in ("out", "cache_dir", "quick", "n_modules")}
     cfg["max_context"] = max_context
     cfg_key = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
-    cache_dir = args.cache_dir if str(args.cache_dir) else None
+    if args.cache_dir is None:
+        from ctxzip.models import cache_dir as ctxzip_cache
+
+        args.cache_dir = ctxzip_cache() / "bench" / "code_completion"
+    cache_dir = args.cache_dir if str(args.cache_dir) not in ("", ".") else None
     rows = []
     t_start = time.time()
     for case in tqdm(cases, desc="modules"):

@@ -105,3 +105,26 @@ def test_bad_options(tiny, src):
     for bad in (-1, len(src) + 1, 1.5, True):
         with pytest.raises(ValueError, match="cursor"):
             cc.compress(src, query="q", budget=Budget(rate=0.25), cursor=bad)
+
+
+def test_cli_cursor_options(tiny, tmp_path, capsys, src):
+    import json
+
+    from ctxzip.cli import main
+
+    model, tok = tiny
+    mdir = tmp_path / "tiny-lm"
+    model.save_pretrained(mdir)
+    tok.save_pretrained(mdir)
+    f = tmp_path / "m.py"
+    f.write_text(src)
+    line = src[: src.index("def dedent(")].count("\n") + 1
+    rc = main(["code", str(f), "-q", "def dedent(text):", "--rate", "0.25", "--json",
+               "--model", str(mdir), "--cursor-line", str(line), "--adjacent-fraction", "0.5",
+               "--block-values", "raw", "--spike-rule", "reference"])
+    assert rc == 0
+    d = json.loads(capsys.readouterr().out)
+    assert 0 < d["compressed_tokens"] <= d["original_tokens"] // 4 + 1
+    rc = main(["code", str(f), "-q", "x", "--model", str(mdir), "--cursor-line", "999999",
+               "--adjacent-fraction", "0.5"])
+    assert rc != 0
