@@ -366,7 +366,7 @@ def _summary(rows: list[dict[str, Any]], rates: list[float]) -> dict[str, Any]:
             if m not in per:
                 continue
             val = per[m]["benefit_pooled"]
-            others = {k: v["benefit_pooled"] for k, v in per.items()
+            others = {k: per[k]["benefit_pooled"] for k in names
                       if not k.startswith("longcodezip")}
             per[f"_{m}_above_every_baseline"] = (
                 val is not None and all(v is None or val > v for v in others.values())

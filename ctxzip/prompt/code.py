@@ -15,10 +15,10 @@ YerbaPage/LongCodeZip, ``longcodezip/__init__.py``; read, not copied):
    ``min_lines_for_fine`` lines are kept whole.
 3. **Fine stage** - cut each kept chunk into blocks at perplexity spikes (line-level perplexity
    of each line given the lines before it; a line whose perplexity is a local maximum above
-   ``mean + alpha * std`` ends a block), score blocks by the same AMI, force-keep the signature,
-   and pick blocks with the shared 0/1 knapsack (:func:`ctxzip.budget.knapsack`) under each
-   chunk's budget. Gaps are marked with a language-correct elision comment at the gap's
-   indentation.
+   ``mean + alpha * std`` ends a block), score blocks by the same AMI, min-max normalised within
+   the function (the paper's knapsack value), force-keep the signature, and pick blocks with the
+   shared 0/1 knapsack (:func:`ctxzip.budget.knapsack`) under each chunk's budget. Gaps are
+   marked with a language-correct elision comment at the gap's indentation.
 
 LM calls are batched: all chunks are scored against the query in a few padded forward passes,
 and that same pass (chunk tokens, then the query) also gives the per-token losses of every chunk,
@@ -37,9 +37,12 @@ Where the reference code and the paper differ (see ``docs/code.md``):
 * line perplexities come from the same LM as the ranking (the reference code loads a second
   model, Qwen2.5-Coder-0.5B, for them).
 * budget allocation is in tokens (the reference code allocates lines).
-* ``fill_budget`` (default on): after the knapsack over blocks with positive AMI, leftover
-  capacity is filled with the remaining blocks by AMI (a second knapsack). The reference code
-  leaves it unused; off reproduces that.
+* knapsack values - the paper's normalised AMI (``block_values="normalized"``); the reference
+  code uses the raw AMI, so blocks with AMI <= 0 are never kept (``block_values="raw"``).
+* ``fill_budget`` (default on): capacity the knapsack leaves unused is filled with the
+  remaining blocks by value (a second knapsack). The reference code leaves it unused.
+* ``adjacent_fraction`` with ``compress(..., cursor=...)`` (not in the paper, off by default):
+  a share of the budget first keeps the whole chunks nearest the completion point.
 """
 
 from __future__ import annotations
