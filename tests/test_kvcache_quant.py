@@ -163,3 +163,18 @@ def test_combo_rejects_bad_parts():
         EvictThenQuantizePress(evict=SnapKVPress(head_budget="adaptive"), quant=KIVIPress())
     with pytest.raises(ValueError):
         GEARPress(sink=-1)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_lowrank_pre_rope_full_rank_is_exact(models, family):
+    from ctxzip.kvcache import LowRankPress, calibrate_pca
+
+    model = models[family]
+    cal = calibrate_pca(model, [_ids(1, 64, seed=7), _ids(1, 64, seed=8)])
+    assert cal.pre_rope
+    ids, new = _ids(2), _ids(2, N_NEW, seed=1)
+    ref, _ = _run(model, None, ids, new)
+    press = LowRankPress(budget=Budget(rate=0.999), allocation="uniform", recent_window=8, calibration=cal)
+    out, cache = _run(model, press, ids, new)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert cache.get_seq_length() == T + N_NEW
