@@ -135,17 +135,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="512/1024 tokens, 1 repeat, 2 passkey trials")
     ap.add_argument("--lengths", default=None, help="comma-separated (default 1024,2048,4096)")
-    ap.add_argument("--repeats", default=None, help="rounds per length, comma-separated (default 3,2,1)")
+    ap.add_argument("--repeats", default=None, help="rounds per length, comma-separated (default 2,1,1)")
     ap.add_argument("--rate", type=float, default=0.25, help="keep rate of the eviction presses")
     ap.add_argument("--passkey-tokens", type=int, default=None, help="default 2048")
     ap.add_argument("--trials", type=int, default=None, help="passkey trials (default 10)")
+    ap.add_argument("--passkey-presses", default=None,
+                    help="comma-separated subset of the presses for the passkey test (default all)")
     ap.add_argument("--skip-passkey", action="store_true", help="keep the stored passkey result")
     ap.add_argument("--skip-overhead", action="store_true", help="keep the stored overhead result")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lengths = [int(x) for x in (args.lengths or ("512,1024" if args.quick else "1024,2048,4096")).split(",")]
-    reps = [int(x) for x in (args.repeats or ("1,1" if args.quick else "3,2,1")).split(",")]
+    reps = [int(x) for x in (args.repeats or ("1,1" if args.quick else "2,1,1")).split(",")]
     reps = (reps + [reps[-1]] * len(lengths))[: len(lengths)]
     pk_tokens = args.passkey_tokens or (1024 if args.quick else 2048)
     trials = args.trials or (2 if args.quick else 10)
@@ -181,7 +183,12 @@ def main() -> int:
         if pk["none"]["accuracy"] == 0:
             pk["note"] = "the model does not solve the passkey task uncompressed; per-press runs skipped"
         else:
-            for name, p in named.items():
+            sel = args.passkey_presses.split(",") if args.passkey_presses else list(named)
+            bad = [n for n in sel if n not in named]
+            if bad:
+                raise SystemExit(f"unknown presses {bad}; choose from {list(named)}")
+            for name in sel:
+                p = named[name]
                 pk[name] = passkey_accuracy(ev, samples, p)
                 print(f"passkey {name}: {pk[name]['accuracy']:.2f}", flush=True)
         result["passkey"] = pk
