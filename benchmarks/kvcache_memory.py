@@ -83,7 +83,17 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="JSON path (default results/kvcache_memory[_quick].json)")
     ap.add_argument("--fresh", action="store_true", help="ignore rows of a previous run")
+    ap.add_argument("--report-only", action="store_true",
+                    help="recompute the summary and plot from the stored rows (no model)")
     args = ap.parse_args()
+    if args.report_only:
+        path = Path(args.out) if args.out else RESULTS / f"kvcache_memory{'_quick' if args.quick else ''}.json"
+        result = json.loads(path.read_text())
+        summarize(result, {})
+        path.write_text(json.dumps(result, indent=1))
+        plot(result, path.with_suffix(".png"))
+        print(json.dumps(result["summary"], indent=1))
+        return 0
     torch.set_num_threads(args.threads)
     n_docs = args.docs or (1 if args.quick else 6)
     ctx_tokens = args.context_tokens or (512 if args.quick else 1024)
@@ -231,6 +241,9 @@ def plot(result: dict, path: Path) -> None:
             ax.set_title(f"{kind} - {t}")
             ax.set_ylim(-0.1, 1.1)
             ax.set_xscale("log")
+            ax.set_xlim(0.03, 1.2)
+            ax.set_xticks([0.05, 0.1, 0.2, 0.5, 1.0], ["5%", "10%", "20%", "50%", "100%"])
+            ax.minorticks_off()
             ax.set_xlabel("cache bytes / bf16 cache")
             ax.set_ylabel("context benefit retained")
     fig.suptitle(f"KV cache at equal bytes (SmolLM2-135M, {result['context_tokens']} tokens, "
