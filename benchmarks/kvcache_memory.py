@@ -54,6 +54,8 @@ def configs(cal_fn) -> dict:
         return KIVIPress(key_bits=4, value_bits=2, key_group=g)
 
     out: dict = {}
+    out["h2o0.43+kivi_k4v2_w0"] = ("evict+quantize", lambda: e(
+        evict=H2OPress(budget=Budget(rate=0.43)), quant=KIVIPress(key_bits=4, value_bits=2, key_group=128, window=0)))
     out["h2o0.38+kivi_k4v2"] = ("evict+quantize", lambda: e(evict=H2OPress(budget=Budget(rate=0.38)), quant=kivi()))
     out["h2o0.1"] = ("evict", lambda: H2OPress(budget=Budget(rate=0.1)))
     out["kivi_k4v2"] = ("quantize", lambda: kivi())
