@@ -18,6 +18,7 @@ from .ems import EMSPress, global_local_score
 from .gear import GEARLayer, GEARPress
 from .generate import generate, prefill
 from .h2o import H2OPress
+from .kivi import KIVILayer, KIVIPress
 from .knorm import KNormPress
 from .lowrank import LowRankLayer, LowRankPress, PCACalibration, calibrate_pca
 from .observed_attention import ObservedAttentionPress, observed_attention_score
@@ -46,6 +47,8 @@ __all__ = [
     "GEARPress",
     "GEARLayer",
     "EvictThenQuantizePress",
+    "KIVIPress",
+    "KIVILayer",
     "LowRankPress",
     "LowRankLayer",
     "PCACalibration",
