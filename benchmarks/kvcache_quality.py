@@ -1,30 +1,36 @@
-"""KV-cache presses vs kvpress: quality, memory at equal bytes, prefill overhead, passkey.
+"""KV-cache eviction presses vs kvpress: context benefit retained at keep 0.5 / 0.25 / 0.1.
 
 One command: ``python benchmarks/kvcache_quality.py`` (``--quick`` for a small run). Writes
-``benchmarks/results/kvcache_quality.json`` and ``kvcache_quality.png`` / ``kvcache_memory.png``.
+``benchmarks/results/kvcache_quality.json`` and ``kvcache_quality.png``.
 
-* Quality: context benefit retained (``ctxzip.eval``: continuation + uniform cued recall) with
-  SmolLM2-135M on real prose (``pydoc_data.topics``) and code (CPython stdlib), at keep rates
-  0.5 / 0.25 / 0.1, for every ctxzip eviction press and kvpress's StreamingLLM, SnapKV,
-  ExpectedAttention, KNorm, TOVA, ObservedAttention (eager). kvpress runs in its own venv
-  (``--kvpress-python``, default ``/work/venvs/kvpress/bin/python``) as a subprocess on the
-  same token ids and the same scoring code; skipped with a message when that venv is absent.
-* Memory at equal bytes: retained vs measured cache bytes relative to a bf16 cache of the same
-  context (eviction, GEAR, PCA low rank, evict+quantize).
-* Prefill overhead of each press vs no press (median of repeats, side by side).
-* Passkey retrieval at ~2k tokens, per press, if the model solves it uncompressed.
+Protocol (issue 7): SmolLM2-135M (offline GGUF, fp32), the first 1,024 tokens of 20 prose docs
+(``pydoc_data.topics``) + 20 CPython stdlib files (``ctxzip.eval``), both targets of the shared
+metric - continuation (the next 128 tokens) and uniform recall (16 cued spans) - for every
+ctxzip eviction press and kvpress's StreamingLLM, SnapKV, ExpectedAttention, KNorm, TOVA and
+ObservedAttention (eager) side by side. kvpress runs in its own venv (``--kvpress-python``,
+default ``/work/venvs/kvpress/bin/python``) as a subprocess on the same token ids and the same
+scoring code.
+
+Affordable on 2 cores: a score-then-evict press only rewrites a layer's cache after that layer
+has run, so the prefill is the same for every press and rate. Each side prefills a document
+once and builds every ``(press, rate)`` cache from that one pass
+(:func:`ctxzip.kvcache.evaluate.compress_many`; the kvpress runner calls each kvpress press's
+own ``compress``), then scores each cache. Per-document results are cached on disk
+(``--cache-dir``), so the run resumes; documents alternate prose/code, so a partial run stays
+balanced. Memory-at-equal-bytes, prefill overhead and passkey live in ``kvcache_memory.py`` and
+``kvcache_prefill.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
-import statistics
+import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,46 +41,19 @@ sys.path.insert(0, str(ROOT))
 
 from ctxzip.budget import Budget  # noqa: E402
 from ctxzip.eval import ContextEvaluator, code_documents, prose_documents  # noqa: E402
-from ctxzip.kvcache import (  # noqa: E402
-    EMSPress,
-    EvictThenQuantizePress,
-    GEARPress,
-    H2OPress,
-    KNormPress,
-    LowRankPress,
-    SnapKVPress,
-    StreamingLLMPress,
-    prefill,
+from ctxzip.kvcache.evaluate import (  # noqa: E402
+    EVICTION_PRESSES,
+    QUALITY_PRESSES,
+    compress_many,
+    make_press,
 )
-from ctxzip.kvcache.evaluate import evaluate_press  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TARGETS = ("continuation", "recall")
-
-
-def eviction_presses(keep: float) -> dict:
-    b = Budget(rate=keep)
-    return {
-        "streaming_llm": StreamingLLMPress(budget=b),
-        "snapkv": SnapKVPress(budget=b),
-        "snapkv_adaptive": SnapKVPress(budget=b, head_budget="adaptive"),
-        "h2o": H2OPress(budget=b),
-        "knorm": KNormPress(budget=b),
-        "ems": EMSPress(budget=b),
-    }
-
-
-def memory_presses(cal) -> dict:
-    out = {}
-    out["gear_2bit"] = GEARPress(bits=2)
-    for r in (0.25,):
-        out[f"lowrank_{r}"] = LowRankPress(budget=Budget(rate=r), calibration=cal)
-    for keep, bits in ((0.5, 2), (0.25, 4)):
-        out[f"snapkv{keep}+gear{bits}"] = EvictThenQuantizePress(
-            evict=SnapKVPress(budget=Budget(rate=keep), head_budget="uniform"),
-            quant=GEARPress(bits=bits, group_size=32, buffer=32, chunk=256),
-        )
-    return out
+#: differences below this are ties: the two sides then keep the same tokens (e.g. observed
+#: attention from ctxzip's kernels vs kvpress's eager matrix) and differ only by fp32 noise
+TIE = 1e-4
+KEEPS = (0.5, 0.25, 0.1)
 
 
 def gguf_source() -> tuple[str, str]:
@@ -88,31 +67,113 @@ def gguf_source() -> tuple[str, str]:
     return str(d), ggufs[0].name
 
 
-def start_kvpress(args, cases, evaluator, keeps, tmp: Path):
-    py = Path(args.kvpress_python)
-    if not py.exists():
-        print(f"[kvpress] skipped: no kvpress venv at {py} (create it: python3 -m venv "
-              "/work/venvs/kvpress; pip install torch==2.13.0 kvpress gguf accelerate)")
-        return None
+def case_key(kind: str, i: int, doc_id: str) -> str:
+    return f"{kind}{i:02d}-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", doc_id)[:60]
+
+
+def build_cases(evaluator, args):
+    n = args.docs
+    docs = {"prose": prose_documents(n), "code": code_documents(n)}
+    cases = []  # (key, kind, case), alternating prose / code
+    for i in range(n):
+        for kind in ("prose", "code"):
+            if i >= len(docs[kind]):
+                continue
+            d = docs[kind][i]
+            c = evaluator.make_case(
+                d.text, context_tokens=args.context_tokens,
+                continuation_tokens=args.continuation_tokens, n_recall=args.recall_spans,
+                doc_id=d.id)
+            cases.append((case_key(kind, i, d.id), kind, c))
+    return cases
+
+
+def protocol_dir(args) -> Path:
+    tag = f"ctx{args.context_tokens}-cont{args.continuation_tokens}-rec{args.recall_spans}"
+    base = Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "ctxzip" / "kvcache_quality"
+    return base / tag
+
+
+def kvpress_payload(evaluator, cases, keeps) -> dict:
     gdir, gfile = gguf_source()
-    payload = {
+    return {
         "gguf_dir": gdir, "gguf_file": gfile, "start_ids": list(evaluator.start_ids),
-        "keeps": keeps, "max_batch": evaluator.max_batch,
+        "keeps": list(keeps), "max_batch": evaluator.max_batch,
         "cases": [
-            {"context": c.context_ids, "continuation": c.continuation_ids,
-             "recall": [[list(a), list(b)] for a, b in c.recall]}
-            for c in cases
+            {"key": key, "context": c.context_ids, "continuation": c.continuation_ids,
+             "recall": [[list(a), list(b)] for a, b in c.recall], "check": i < 2}
+            for i, (key, _, c) in enumerate(cases)
         ],
     }
-    inp, outp = tmp / "kvpress_in.json", tmp / "kvpress_out.json"
-    inp.write_text(json.dumps(payload))
-    log = open(tmp / "kvpress.log", "w")  # noqa: SIM115 - handed to the subprocess
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env["KVPRESS_THREADS"] = str(args.threads)
-    proc = subprocess.Popen([str(py), str(ROOT / "benchmarks" / "_kvpress_runner.py"), str(inp),
-                             str(outp)], stdout=log, stderr=subprocess.STDOUT, env=env)
-    print(f"[kvpress] started in {py.parent.parent} (pid {proc.pid}, log {tmp / 'kvpress.log'})")
-    return proc, outp
+
+
+def run_kvpress(args, evaluator, cases, keeps, pdir: Path, *, wait: bool):
+    py = Path(args.kvpress_python)
+    if not py.exists():
+        print(f"[kvpress] skipped: no kvpress venv at {py} (python3 -m venv /work/venvs/kvpress; "
+              "pip install torch==2.13.0 kvpress gguf accelerate)")
+        return None
+    out_dir = pdir / "kvpress"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inp = pdir / "kvpress_in.json"
+    inp.write_text(json.dumps(kvpress_payload(evaluator, cases, keeps)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", KVPRESS_THREADS=str(args.threads),
+               OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    cmd = [str(py), str(ROOT / "benchmarks" / "_kvpress_runner.py"), str(inp), str(out_dir)]
+    if wait:
+        subprocess.run(cmd, env=env, check=True)
+        return None
+    log = open(pdir / "kvpress.log", "a")  # noqa: SIM115 - handed to the subprocess
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    print(f"[kvpress] running (pid {proc.pid}, log {pdir / 'kvpress.log'})", flush=True)
+    return proc
+
+
+def press_sig(press) -> str:
+    """Short hash of a press's settings without its budget (cache invalidation)."""
+    r = re.sub(r"budget=Budget\([^)]*\), ?", "", repr(press))
+    return hashlib.sha1(r.encode()).hexdigest()[:10]
+
+
+def run_ctxzip(evaluator, cases, names, keeps, pdir: Path) -> None:
+    from tqdm import tqdm
+
+    out_dir = pdir / "ctxzip"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = evaluator.model
+    for key, _kind, case in tqdm(cases, desc="ctxzip docs", file=sys.stdout):
+        path = out_dir / f"{key}.json"
+        row = json.loads(path.read_text()) if path.exists() else {"nll": {}, "sig": {}}
+        if "baseline" not in row:
+            row["baseline"] = evaluator.baseline(case, targets=TARGETS)
+        presses = {}
+        for name in names:
+            for keep in keeps:
+                p = make_press(name, Budget(rate=keep))
+                sig = press_sig(p)
+                if row["sig"].get(name) != sig:
+                    row["nll"].pop(name, None)
+                    row["sig"][name] = sig
+                if str(keep) not in row["nll"].get(name, {}):
+                    presses[(name, keep)] = p
+        if presses:
+            ids = torch.tensor([list(evaluator.start_ids) + list(case.context_ids)[:-1]])
+            t0 = time.perf_counter()
+            caches = compress_many(model, ids, presses)
+            row.setdefault("prefill_s", []).append(time.perf_counter() - t0)
+            for (name, keep), cache in caches.items():
+
+                def make_cache(m, x, cache=cache, ids=ids):
+                    if x.shape != ids.shape:
+                        raise RuntimeError("prefill ids differ from the scorer's")
+                    return cache, x.shape[1]
+
+                nll = evaluator.nll_from_cache(case, make_cache, targets=TARGETS)
+                row["nll"].setdefault(name, {})[str(keep)] = nll
+            del caches
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(row))
+            tmp.rename(path)
 
 
 def pooled(rows):
@@ -121,238 +182,77 @@ def pooled(rows):
     return num / den if abs(den) > 1e-12 else float("nan")
 
 
-def prefill_overhead(model, tok_ids_list, presses: dict, repeats: int) -> dict:
-    out = {}
-    for n_tok, ids in tok_ids_list:
-        times = {name: [] for name in ["none", *presses]}
-        for _ in range(repeats):  # interleave presses so machine noise hits all alike
-            for name in times:
-                press = None if name == "none" else presses[name]
-                t0 = time.perf_counter()
-                prefill(model, ids, press)
-                times[name].append(time.perf_counter() - t0)
-        base = statistics.median(times["none"])
-        out[str(n_tok)] = {
-            name: {"median_s": statistics.median(v), "ratio_vs_none": statistics.median(v) / base}
-            for name, v in times.items()
-        }
-    return out
-
-
-def passkey(evaluator, presses: dict, n_tokens: int, trials: int) -> dict:
-    import random
-
-    tok, model = evaluator.tokenizer, evaluator.model
-    filler = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
-              "There and back again. ")
-    rng = random.Random(0)
-    res: dict = {"n_tokens": n_tokens, "trials": trials}
-    samples = []
-    for _ in range(trials):
-        key = rng.randint(10000, 99999)
-        n_fill = max(1, n_tokens // 24)
-        pos = rng.randint(0, n_fill - 1)
-        parts = [filler] * n_fill
-        parts.insert(pos, f"The pass key is {key}. Remember it. {key} is the pass key. ")
-        text = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
-                "memorize it. " + "".join(parts))
-        samples.append((text, key))
-    q = " What is the pass key? The pass key is"
-
-    def acc(press):
-        ok = 0
-        for text, key in samples:
-            ids = torch.tensor([evaluator.start_ids + evaluator.encode(text)])
-            cache = prefill(model, ids[:, :-1], press)
-            x = torch.cat([ids[:, -1:], torch.tensor([evaluator.encode(q)])], 1)
-            out = []
-            with torch.no_grad():
-                for _ in range(7):
-                    nxt = model(x, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
-                    out.append(int(nxt))
-                    x = nxt
-            ok += str(key) in tok.decode(out)
-        return ok / len(samples)
-
-    res["none"] = acc(None)
-    if res["none"] == 0:
-        res["note"] = "the model does not solve the passkey task uncompressed; per-press runs skipped"
-        return res
-    for name, p in presses.items():
-        res[name] = acc(p)
-    return res
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="1 doc per kind, 512-token contexts")
-    ap.add_argument("--docs", type=int, default=None, help="documents per kind (default 3)")
-    ap.add_argument("--context-tokens", type=int, default=None,
-                    help="context length (default 512; the issue's protocol is 1024 - slower)")
-    ap.add_argument("--continuation-tokens", type=int, default=64)
-    ap.add_argument("--recall-spans", type=int, default=8)
-    ap.add_argument("--kvpress-python", default=os.environ.get(
-        "KVPRESS_PYTHON", "/work/venvs/kvpress/bin/python"))
-    ap.add_argument("--skip-kvpress", action="store_true")
-    ap.add_argument("--kvpress-result", default=None,
-                    help="reuse the JSON a previous kvpress run wrote for the same cases")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (this process)")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    n_docs = args.docs or (1 if args.quick else 2)
-    ctx_tokens = args.context_tokens or (256 if args.quick else 512)
-    keeps = [0.5, 0.25, 0.1]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-
-    evaluator = ContextEvaluator()
-    model = evaluator.model
-    docs = {"prose": prose_documents(n_docs), "code": code_documents(n_docs)}
-    cases, kinds = [], []
-    for kind, ds in docs.items():
-        for d in ds:
-            cases.append(evaluator.make_case(
-                d.text, context_tokens=ctx_tokens, continuation_tokens=args.continuation_tokens,
-                n_recall=args.recall_spans, doc_id=d.id))
-            kinds.append(kind)
-    # calibration text for the low-rank press: documents the evaluation does not use
-    used = {d.id for ds in docs.values() for d in ds}
-    cal_docs = [d for d in prose_documents(n_docs + 3)[n_docs:] + code_documents(n_docs + 3)[n_docs:]
-                if d.id not in used]
-
-    tmp = Path(tempfile.mkdtemp(prefix="kvbench_"))
-    if args.kvpress_result:
-        kv = (None, Path(args.kvpress_result))
-    else:
-        kv = None if args.skip_kvpress else start_kvpress(args, cases, evaluator, keeps, tmp)
-
-    def run(press):
-        by_kind = {}
-        for kind in docs:
-            sel = [c for c, k in zip(cases, kinds) if k == kind]
-            by_kind[kind] = evaluate_press(evaluator, sel, press)
-        return by_kind
-
-    result: dict = {
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "threads": args.threads},
-        "model": "SmolLM2-135M-Instruct (offline GGUF, fp32)",
-        "context_tokens": ctx_tokens, "docs_per_kind": n_docs,
-        "continuation_tokens": args.continuation_tokens, "recall_spans": args.recall_spans,
-        "doc_ids": {k: [d.id for d in v] for k, v in docs.items()},
-        "metric": "context benefit retained, pooled over docs: sum(none-comp)/sum(none-full)",
-        "quality": {"ctxzip": {}, "kvpress": {}},
+def collect(cases, pdir: Path, names, keeps) -> dict:
+    """Pool per-document NLLs into retained benefit per side/press/keep/kind/target, using only
+    documents both sides finished (so the comparison is always on the same documents)."""
+    zdir, kdir = pdir / "ctxzip", pdir / "kvpress"
+    z = {k: json.loads((zdir / f"{k}.json").read_text()) for k, _, _ in cases if (zdir / f"{k}.json").exists()}
+    kv = {k: json.loads((kdir / f"{k}.json").read_text()) for k, _, _ in cases if (kdir / f"{k}.json").exists()}
+    # a document counts when ctxzip has every requested press/keep (and kvpress, if it ran)
+    done = [
+        (k, kind) for k, kind, _ in cases
+        if k in z and all(str(r) in z[k]["nll"].get(n, {}) for n in names for r in keeps)
+        and (not kv or k in kv)
+    ]
+    # equally many documents of each kind (the first n of each, in case order)
+    n_each = min(sum(1 for _, kd in done if kd == kind) for kind in ("prose", "code"))
+    done = [d for kind in ("prose", "code") for d in [x for x in done if x[1] == kind][:n_each]]
+    quality: dict = {"ctxzip": {}, "kvpress": {}}
+    for side, store in (("ctxzip", z), ("kvpress", kv)):
+        grouped: dict = {}
+        for k, kind in done:
+            if k not in store:
+                continue
+            base = z[k]["baseline"]
+            for press, per_keep in store[k]["nll"].items():
+                if side == "ctxzip" and press not in names:
+                    continue
+                for keep, nll in per_keep.items():
+                    if float(keep) not in keeps:
+                        continue
+                    g = grouped.setdefault(press, {}).setdefault(keep, {}).setdefault(kind, {})
+                    for t in TARGETS:
+                        g.setdefault(t, []).append((base["none"][t], base["full"][t], nll[t]))
+        for press, per_keep in grouped.items():
+            for keep, per_kind in per_keep.items():
+                quality[side].setdefault(press, {})[keep] = {
+                    kind: {t: pooled(rows) for t, rows in v.items()} for kind, v in per_kind.items()
+                }
+    # sanity: kvpress's full-context NLL equals ours
+    check = []
+    for k, _ in done:
+        if k in kv and "full_check" in kv[k]:
+            check.append(max(abs(kv[k]["full_check"][t] - z[k]["baseline"]["full"][t]) for t in TARGETS))
+    versions = json.loads((kdir / "versions.json").read_text()) if (kdir / "versions.json").exists() else None
+    return {
+        "docs_used": {kind: [k for k, kd in done if kd == kind] for kind in ("prose", "code")},
+        "quality": quality,
+        "kvpress_full_nll_max_abs_diff": max(check) if check else None,
+        "kvpress_versions": versions,
     }
-    # ---------------------------------------------------------------- quality (ctxzip)
-    for keep in keeps:
-        for name, press in eviction_presses(keep).items():
-            t0 = time.time()
-            r = run(press)
-            result["quality"]["ctxzip"].setdefault(name, {})[str(keep)] = {
-                kind: {t: r[kind][t] for t in TARGETS} | {"bytes_vs_bf16": r[kind]["bytes_vs_bf16"]}
-                for kind in docs
-            }
-            print(f"ctxzip {name} keep={keep}: " + ", ".join(
-                f"{k} {r[k]['continuation']:.3f}/{r[k]['recall']:.3f}" for k in docs)
-                + f" ({time.time() - t0:.0f}s)", flush=True)
-    # ---------------------------------------------------------------- memory at equal bytes
-    lr_cal = LowRankPress(budget=Budget(rate=0.5)).calibrate(
-        model, evaluator.tokenizer, texts=[d.text for d in cal_docs], max_tokens=1024
-    ).calibration
-    mem = {}
-    for name, press in memory_presses(lr_cal).items():
-        r = run(press)
-        mem[name] = {kind: {t: r[kind][t] for t in TARGETS} | {"bytes_vs_bf16": r[kind]["bytes_vs_bf16"]}
-                     for kind in docs}
-        print(f"memory {name}: " + ", ".join(
-            f"{k} {r[k]['continuation']:.3f}/{r[k]['recall']:.3f} @ {r[k]['bytes_vs_bf16']:.3f}"
-            for k in docs), flush=True)
-    for name, per_keep in result["quality"]["ctxzip"].items():
-        for keep, v in per_keep.items():
-            mem[f"{name}@{keep}"] = v
-    result["memory"] = mem
-    # ---------------------------------------------------------------- prefill overhead
-    lens = [512] if args.quick else [1024]
-    long_text = "".join(d.text for d in prose_documents(12))
-    ids_all = evaluator.start_ids + evaluator.encode(long_text)
-    tok_lists = [(n, torch.tensor([ids_all[:n]])) for n in lens if len(ids_all) >= n]
-    ov_presses = {k: v for k, v in eviction_presses(0.25).items() if k != "ems_evict_only"}
-    ov_presses["gear_2bit"] = GEARPress(bits=2)
-    ov_presses["lowrank_0.25"] = LowRankPress(budget=Budget(rate=0.25), calibration=lr_cal)
-    result["prefill_overhead"] = prefill_overhead(model, tok_lists, ov_presses, 1 if args.quick else 2)
-    print("prefill overhead:", json.dumps({n: {k: round(v["ratio_vs_none"], 3) for k, v in d.items()}
-                                           for n, d in result["prefill_overhead"].items()}), flush=True)
-    # ---------------------------------------------------------------- passkey
-    pk_presses = {k: eviction_presses(0.1)[k] for k in ("streaming_llm", "snapkv", "h2o", "knorm", "ems")}
-    result["passkey"] = passkey(evaluator, pk_presses, 512 if args.quick else 1024, 2)
-    print("passkey:", result["passkey"], flush=True)
-    # ---------------------------------------------------------------- kvpress
-    if kv is not None:
-        proc, outp = kv
-        rc = proc.wait() if proc is not None else 0
-        waited = 0
-        while proc is None and not outp.exists() and waited < 3600:  # another run still writing
-            time.sleep(10)
-            waited += 10
-        if rc != 0 or not outp.exists():
-            result["kvpress_error"] = (tmp / "kvpress.log").read_text()[-3000:]
-            print("[kvpress] failed; see", tmp / "kvpress.log")
-        else:
-            raw = json.loads(outp.read_text())
-            result["kvpress_versions"] = {k: raw[k] for k in ("kvpress_version", "transformers_version")}
-            base0 = evaluator.baseline(cases[0], targets=TARGETS)["full"]
-            result["kvpress_full_nll_check"] = {"kvpress_side": raw.get("full_check"), "ctxzip_side": base0}
-            grouped: dict = {}
-            for row in raw["rows"]:
-                c = cases[row["case"]]
-                base = evaluator.baseline(c, targets=TARGETS)
-                g = grouped.setdefault(row["press"], {}).setdefault(str(row["keep"]), {})
-                for t in TARGETS:
-                    g.setdefault(kinds[row["case"]], {}).setdefault(t, []).append(
-                        (base["none"][t], base["full"][t], row["nll"][t]))
-            for press, per_keep in grouped.items():
-                for keep, per_kind in per_keep.items():
-                    result["quality"]["kvpress"].setdefault(press, {})[keep] = {
-                        kind: {t: pooled(rows) for t, rows in v.items()} for kind, v in per_kind.items()
-                    }
-    summarize(result, keeps, list(docs))
-    result["wall_s"] = time.time() - t_start
-    out = RESULTS / "kvcache_quality.json"
-    out.write_text(json.dumps(result, indent=1))
-    plots(result, keeps, list(docs))
-    print("wrote", out)
-    return 0
 
 
-def summarize(result, keeps, kinds):
-    """Best press per side at each keep rate, per kind and target, and the ratio."""
+def summarize(quality: dict, keeps, kinds) -> dict:
+    """Best press per side at each keep rate, per kind and target, and the margin."""
     summ = {}
     for keep in keeps:
         for kind in kinds:
             for t in TARGETS:
                 best = {}
                 for side in ("ctxzip", "kvpress"):
-                    cand = [(v[str(keep)][kind][t], name) for name, v in result["quality"][side].items()
+                    cand = [(v[str(keep)][kind][t], name) for name, v in quality[side].items()
                             if str(keep) in v and kind in v[str(keep)]]
                     if cand:
                         best[side] = max(cand)
                 row = {s: {"press": b[1], "retained": b[0]} for s, b in best.items()}
                 if len(best) == 2:
                     row["ctxzip_minus_kvpress"] = best["ctxzip"][0] - best["kvpress"][0]
+                    row["ctxzip_ge_kvpress"] = bool(best["ctxzip"][0] >= best["kvpress"][0] - TIE)
                 summ[f"keep={keep} {kind} {t}"] = row
-    result["summary_best"] = summ
-    mem = result.get("memory", {})
-    at10 = {}
-    for name, v in mem.items():
-        for kind in kinds:
-            if kind in v and v[kind]["bytes_vs_bf16"] <= 0.105:
-                at10.setdefault(name, {})[kind] = {t: v[kind][t] for t in TARGETS} | {
-                    "bytes_vs_bf16": v[kind]["bytes_vs_bf16"]}
-    result["memory_at_or_below_10pct"] = at10
+    return summ
 
 
-def plots(result, keeps, kinds):
+def plots(result, keeps, kinds, path: Path) -> None:
     try:
         import matplotlib
 
@@ -360,46 +260,123 @@ def plots(result, keeps, kinds):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(len(kinds), 2, figsize=(11, 4.2 * len(kinds)), squeeze=False)
+    q = result["quality"]
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(12, 4.4 * len(kinds)), squeeze=False)
     for i, kind in enumerate(kinds):
         for j, t in enumerate(TARGETS):
             ax = axes[i][j]
-            for side, style in (("ctxzip", "-o"), ("kvpress", "--s")):
-                for name, v in result["quality"][side].items():
+            for side, style, lw in (("ctxzip", "-o", 1.0), ("kvpress", "--s", 1.0)):
+                for name, v in q[side].items():
                     ys = [v.get(str(k), {}).get(kind, {}).get(t, float("nan")) for k in keeps]
-                    ax.plot(keeps, ys, style, label=f"{side}:{name}", ms=4)
+                    ax.plot(keeps, ys, style, label=f"{side}:{name}", ms=3, lw=lw, alpha=0.45)
+            for side, color in (("ctxzip", "tab:red"), ("kvpress", "black")):
+                ys = [result["summary_best"][f"keep={k} {kind} {t}"].get(side, {}).get("retained", float("nan"))
+                      for k in keeps]
+                ax.plot(keeps, ys, "-" if side == "ctxzip" else "--", color=color, lw=2.5,
+                        label=f"best {side}")
             ax.set_xscale("log")
-            ax.set_xticks(keeps)
+            ax.set_xticks(list(keeps))
             ax.set_xticklabels([str(k) for k in keeps])
-            ax.set_title(f"{kind} - {t}")
+            n = len(result["docs_used"][kind])
+            ax.set_title(f"{kind} ({n} docs) - {t}")
             ax.set_xlabel("keep rate")
             ax.set_ylabel("context benefit retained")
             ax.grid(alpha=0.3)
     axes[0][1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(RESULTS / "kvcache_quality.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    fig, axes = plt.subplots(1, 2 * len(kinds), figsize=(5 * 2 * len(kinds), 4.2), squeeze=False)
-    for i, kind in enumerate(kinds):
-        for j, t in enumerate(TARGETS):
-            ax = axes[0][i * 2 + j]
-            for name, v in result.get("memory", {}).items():
-                if kind not in v:
-                    continue
-                fam = name.split("@")[0].split("_")[0]
-                ax.scatter(v[kind]["bytes_vs_bf16"], v[kind][t], s=18)
-                ax.annotate(name, (v[kind]["bytes_vs_bf16"], v[kind][t]), fontsize=5)
-                del fam
-            ax.axvline(0.1, color="gray", ls=":")
-            ax.axhline(0.9, color="gray", ls=":")
-            ax.set_xscale("log")
-            ax.set_xlabel("cache bytes / bf16 cache")
-            ax.set_ylabel("retained")
-            ax.set_title(f"{kind} - {t}")
-            ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "kvcache_memory.png", dpi=110)
-    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2 docs per kind, 512-token contexts")
+    ap.add_argument("--docs", type=int, default=None, help="documents per kind (default 20)")
+    ap.add_argument("--context-tokens", type=int, default=None, help="default 1024")
+    ap.add_argument("--continuation-tokens", type=int, default=None, help="default 128")
+    ap.add_argument("--recall-spans", type=int, default=None, help="default 16")
+    ap.add_argument("--presses", default=",".join(QUALITY_PRESSES),
+                    help="comma-separated ctxzip press names (ctxzip.kvcache.evaluate.PRESSES), "
+                    "or 'all' for every eviction press")
+    ap.add_argument("--cache-dir", default=None,
+                    help="per-document results (default ~/.cache/ctxzip/kvcache_quality)")
+    ap.add_argument("--kvpress-python", default=os.environ.get(
+        "KVPRESS_PYTHON", "/work/venvs/kvpress/bin/python"))
+    ap.add_argument("--skip-kvpress", action="store_true")
+    ap.add_argument("--kvpress-only", action="store_true", help="run only the kvpress side")
+    ap.add_argument("--sequential", action="store_true",
+                    help="run the kvpress side before the ctxzip side instead of alongside it")
+    ap.add_argument("--report-only", action="store_true",
+                    help="compute nothing; pool whatever per-document results are cached")
+    ap.add_argument("--out", default=None, help="result JSON (default results/kvcache_quality.json)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.docs = args.docs or (2 if args.quick else 20)
+    args.context_tokens = args.context_tokens or (512 if args.quick else 1024)
+    args.continuation_tokens = args.continuation_tokens or (64 if args.quick else 128)
+    args.recall_spans = args.recall_spans or (8 if args.quick else 16)
+    names = list(EVICTION_PRESSES) if args.presses == "all" else [
+        n.strip() for n in args.presses.split(",") if n.strip()]
+    for n in names:
+        make_press(n, Budget(rate=0.5))  # fail early on a bad name
+    keeps = KEEPS
+    t_start = time.time()
+
+    evaluator = ContextEvaluator()
+    cases = build_cases(evaluator, args)
+    pdir = protocol_dir(args)
+    pdir.mkdir(parents=True, exist_ok=True)
+    print(f"{len(cases)} cases; per-document cache {pdir}", flush=True)
+    proc = None
+    if not args.skip_kvpress and not args.report_only:
+        proc = run_kvpress(args, evaluator, cases, keeps, pdir,
+                           wait=args.kvpress_only or args.sequential)
+        if args.kvpress_only:
+            return 0
+    if not args.report_only:
+        run_ctxzip(evaluator, cases, names, keeps, pdir)
+    if proc is not None:
+        rc = proc.wait()
+        if rc != 0:
+            print(f"[kvpress] exited with {rc}; see {pdir / 'kvpress.log'}", flush=True)
+
+    kinds = ["prose", "code"]
+    res = collect(cases, pdir, names, keeps)
+    result: dict = {
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "platform": platform.platform(), "cpu_count": os.cpu_count(),
+                    "threads": args.threads, "loadavg": os.getloadavg()},
+        "model": "SmolLM2-135M-Instruct (offline GGUF, fp32), SDPA attention on the ctxzip side",
+        "context_tokens": args.context_tokens, "docs_per_kind_requested": args.docs,
+        "continuation_tokens": args.continuation_tokens, "recall_spans": args.recall_spans,
+        "keeps": list(keeps),
+        "metric": "context benefit retained, pooled over docs: sum(none-comp)/sum(none-full)",
+        "ctxzip_presses": {n: repr(make_press(n, Budget(rate=0.25))) for n in names},
+        **res,
+    }
+    result["summary_best"] = summarize(result["quality"], keeps, kinds)
+    cells = [v for v in result["summary_best"].values() if "ctxzip_ge_kvpress" in v]
+    result["goal_ctxzip_best_ge_kvpress_best"] = {
+        "cells": len(cells),
+        "ctxzip_ge": sum(v["ctxzip_ge_kvpress"] for v in cells),
+        "ctxzip_strictly_ahead": sum(v["ctxzip_minus_kvpress"] > TIE for v in cells),
+        "tie_tolerance": TIE,
+        "all": bool(cells) and all(v["ctxzip_ge_kvpress"] for v in cells),
+    }
+    result["wall_s_this_invocation"] = time.time() - t_start
+    out = Path(args.out) if args.out else RESULTS / ("kvcache_quality_quick.json" if args.quick
+                                                     else "kvcache_quality.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    plots(result, keeps, kinds, out.with_suffix(".png"))
+    for k, v in result["summary_best"].items():
+        z, kvp = v.get("ctxzip", {}), v.get("kvpress", {})
+        print(f"{k:32s} ctxzip {z.get('press', '-'):>22s} {z.get('retained', float('nan')):.3f}   "
+              f"kvpress {kvp.get('press', '-'):>20s} {kvp.get('retained', float('nan')):.3f}", flush=True)
+    print("goal (ctxzip best >= kvpress best):", result["goal_ctxzip_best_ge_kvpress_best"])
+    print("docs used:", {k: len(v) for k, v in result["docs_used"].items()}, "->", out)
+    return 0
 
 
 if __name__ == "__main__":

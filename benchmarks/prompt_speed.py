@@ -8,22 +8,29 @@ replaced here (benchmark only) by a stand-in that counts with the classifier's o
 and ctxzip is run with ``token_weights="classifier"`` so both count the same units.
 
 Inputs: the first 2k / 10k / 50k whitespace words of `pydoc_data.topics` (topics in key order).
-Rows, interleaved per repetition: anchor ``compress_prompt_llmlingua2`` (per-chunk percentile),
-ctxzip exact (``mode="chunk"``), ctxzip fast int8 and fast bf16. Reported: words/s (median over
-repetitions), speed-up vs the anchor, and the fraction of word keep-decisions identical to the
-anchor's.
+Rows, interleaved per repetition (order reversed every other repetition): anchor
+``compress_prompt_llmlingua2`` (per-chunk percentile), ctxzip exact (``mode="chunk"``, torch
+fp32), ctxzip ``fast="onnx-int8"`` (ONNX Runtime, SmoothQuant-smoothed dynamic int8) and
+``fast="bf16"`` (torch bfloat16). Reported per size: wall seconds and process CPU seconds per run,
+words/s (median wall), speed-up vs the anchor (median wall; also median CPU time, the fairer
+figure on a loaded machine), and the fraction of word keep-decisions identical to the anchor's.
+Both sides use the same torch thread count (``--threads``, default 2); ONNX Runtime gets the same
+number of intra-op threads. The one-time ONNX conversion (cached on disk afterwards) is timed
+separately as ``setup_seconds`` and not counted in words/s.
 
-    python benchmarks/prompt_speed.py            # 2k, 10k, 50k words, 3 repetitions
+    python benchmarks/prompt_speed.py            # 2k, 10k (3 reps), 50k words (2 reps): ~5 min idle
     python benchmarks/prompt_speed.py --quick    # 2k, 10k words, 1 repetition
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import difflib
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -62,17 +69,81 @@ def agreement(a_words, a_labels, b_words, b_labels) -> dict:
             "identical": same / max(n, 1)}
 
 
+def _version(pkg: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(pkg)
+    except Exception:
+        return None
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(ln for ln in f if ln.startswith("flags")).split(":")[1].split()
+    except (OSError, StopIteration):
+        return []
+    return sorted(f for f in flags if f.startswith(("avx512_bf16", "avx512_vnni", "amx", "avx2", "avx512f")))
+
+
+def plot(info: dict, png: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    results = info["results"]
+    names = list(results[0]["words_per_s"])
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = [r["words"] for r in results]
+    for name in names:
+        ax.plot(xs, [r["words_per_s"][name] for r in results], marker="o", label=name)
+        if name != "anchor":
+            ys = [r["speedup_vs_anchor"][name] for r in results]
+            ax2.plot(xs, ys, marker="o", label=name)
+            for x, y, r in zip(xs, ys, results):
+                ax2.annotate(f"{100 * r['agreement'][name]['identical']:.1f}%", (x, y), textcoords="offset points",
+                             xytext=(0, 6), ha="center", fontsize=7)
+    ax2.axhline(3.0, color="grey", ls="--", lw=1, label="goal 3x")
+    for a in (ax, ax2):
+        a.set_xscale("log")
+        a.set_xticks(xs, [f"{x // 1000}k" for x in xs])
+        a.minorticks_off()
+        a.set_xlabel("input words (pydoc_data.topics)")
+        a.legend(fontsize=8)
+    m = info["machine"]
+    ax.set_ylabel("words / s (median wall)")
+    ax.set_title(f"LLMLingua-2, same MiniLM, {m['torch_threads']} threads, load {m['loadavg'][0]:.0f}", fontsize=10)
+    ax2.set_ylabel("speed-up vs llmlingua 0.2.2")
+    ax2.set_title("labels: % keep-decisions identical to the anchor", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sizes", type=int, nargs="*", default=None)
-    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=None, help="repetitions per size (default 3, 2 for >= 50k words)")
+    ap.add_argument("--methods", nargs="*", default=["exact", "fast-onnx-int8", "fast-bf16"],
+                    help="ctxzip rows: exact, fast-onnx-int8, fast-onnx, fast-bf16, fast-int8")
     ap.add_argument("--rate", type=float, default=0.33)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(OUT / "prompt_speed.json"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
+        return
     sizes = args.sizes or ([2000, 10000] if args.quick else [2000, 10000, 50000])
-    reps = args.reps or (1 if args.quick else 3)
+
+    def reps_for(n: int) -> int:
+        if args.reps:
+            return args.reps
+        return 1 if args.quick else (2 if n >= 50000 else 3)
 
     import tiktoken
     import torch
@@ -82,7 +153,10 @@ def main() -> None:
     from ctxzip.prompt import TokenClassifierCompressor, load_default_classifier
 
     torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp()) / "bert-base-multilingual-cased-ctxzip-minilm"
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    tmp_root = tempfile.mkdtemp(prefix="ctxzip-speed-")
+    atexit.register(shutil.rmtree, tmp_root, ignore_errors=True)
+    tmp = Path(tmp_root) / "bert-base-multilingual-cased-ctxzip-minilm"
     model, tok = load_default_classifier()
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
@@ -98,13 +172,13 @@ def main() -> None:
     anchor = PromptCompressor(model_name=str(tmp), device_map="cpu", use_llmlingua2=True)
 
     common = dict(model=str(tmp), tokenizer=tok, token_weights="classifier", return_word_labels=True, mode="chunk")
-    ours = {
-        "exact": TokenClassifierCompressor(**common),
-        "fast-int8": TokenClassifierCompressor(fast="int8", **common),
-        "fast-bf16": TokenClassifierCompressor(fast="bf16", **common),
-    }
-    for c in ours.values():
+    fast_of = {"exact": False, "fast-onnx-int8": "onnx-int8", "fast-onnx": "onnx", "fast-bf16": "bf16", "fast-int8": "int8"}
+    ours = {m: TokenClassifierCompressor(fast=fast_of[m], **common) for m in args.methods}
+    setup = {}
+    for name, c in ours.items():
+        t0 = time.perf_counter()
         c.classifier()
+        setup[name] = time.perf_counter() - t0
         c.compress("warm up the model.", budget=Budget(rate=0.5))
     anchor.compress_prompt_llmlingua2(["warm up the model."], rate=0.5)
 
@@ -112,63 +186,63 @@ def main() -> None:
     for n in sizes:
         text = words_text(n)
         times: dict[str, list[float]] = {k: [] for k in ["anchor", *ours]}
+        cpu: dict[str, list[float]] = {k: [] for k in ["anchor", *ours]}
         labels: dict[str, tuple] = {}
-        for rep in range(reps):
+        load_before = os.getloadavg()[0]
+        for rep in range(reps_for(n)):
             order = ["anchor", *ours] if rep % 2 == 0 else [*reversed(list(ours)), "anchor"]
             for name in order:
+                c0 = time.process_time()
                 t0 = time.perf_counter()
                 if name == "anchor":
                     r = anchor.compress_prompt_llmlingua2([text], rate=args.rate, return_word_label=True)
                     dt = time.perf_counter() - t0
+                    dc = time.process_time() - c0
                     pairs = [p.rsplit(" ", 1) for p in r["fn_labeled_original_prompt"].split("\t\t|\t\t")]
                     labels[name] = ([w for w, _ in pairs], [int(lab) for _, lab in pairs])
                 else:
                     r = ours[name].compress(text, budget=Budget(rate=args.rate))
                     dt = time.perf_counter() - t0
+                    dc = time.process_time() - c0
                     labels[name] = (r.details["words"], r.details["word_labels"])
                 times[name].append(dt)
-                print(f"{n} words {name}: {dt:.2f}s", flush=True)
-        row = {"words": n, "rate": args.rate, "seconds": times, "words_per_s": {}, "speedup_vs_anchor": {}, "agreement": {}}
+                cpu[name].append(dc)
+                print(f"{n} words {name}: {dt:.2f}s wall, {dc:.2f}s cpu", flush=True)
+        row = {"words": n, "rate": args.rate, "reps": reps_for(n), "loadavg_1min": [load_before, os.getloadavg()[0]],
+               "seconds": times, "cpu_seconds": cpu, "words_per_s": {}, "speedup_vs_anchor": {},
+               "cpu_speedup_vs_anchor": {}, "agreement": {}}
         a_med = statistics.median(times["anchor"])
+        a_cpu = statistics.median(cpu["anchor"])
         for name, ts in times.items():
             med = statistics.median(ts)
             row["words_per_s"][name] = n / med
             row["speedup_vs_anchor"][name] = a_med / med
+            row["cpu_speedup_vs_anchor"][name] = a_cpu / statistics.median(cpu[name])
             if name != "anchor":
                 row["agreement"][name] = agreement(*labels["anchor"], *labels[name])
         row["kept_fraction_anchor"] = sum(labels["anchor"][1]) / max(len(labels["anchor"][1]), 1)
         results.append(row)
-        print(json.dumps({k: row[k] for k in ("words", "words_per_s", "speedup_vs_anchor")}), flush=True)
+        print(json.dumps({k: row[k] for k in ("words", "words_per_s", "speedup_vs_anchor", "cpu_speedup_vs_anchor")}), flush=True)
+        print(json.dumps({k: v["identical"] for k, v in row["agreement"].items()}), flush=True)
+        partial = {"partial": True, "results": results}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(partial, indent=1))
 
     info = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch_threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
-                    "loadavg": os.getloadavg()},
+                    "loadavg": os.getloadavg(), "onnxruntime": _version("onnxruntime"),
+                    "cpu_flags": _cpu_flags()},
+        "command": " ".join(["python", "benchmarks/prompt_speed.py", *sys.argv[1:]]),
         "anchor": "llmlingua 0.2.2 compress_prompt_llmlingua2 (tiktoken replaced by the classifier tokenizer)",
-        "model": "ctxzip default distilled MiniLM token classifier (same weights for both)",
-        "reps": reps,
+        "model": "ctxzip default distilled MiniLM token classifier (same weights for both), from ctxzip/assets",
+        "setup_seconds": setup,
+        "goal": "fast mode >= 3x the anchor's words/s at 10k and 50k words with >= 98% identical keep-decisions",
         "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(info, indent=1))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name in ["anchor", *ours]:
-            ax.plot([r["words"] for r in results], [r["words_per_s"][name] for r in results], marker="o", label=name)
-        ax.set_xscale("log")
-        ax.set_xlabel("input words (pydoc_data.topics)")
-        ax.set_ylabel("words / s (median)")
-        ax.set_title("LLMLingua-2 compression speed, same MiniLM classifier")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(Path(args.out).with_suffix(".png"), dpi=120)
-    except ImportError:
-        pass
+    plot(info, Path(args.out).with_suffix(".png"))
     print(f"wrote {args.out}")
 
 

@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
 VENV=${CTXZIP_VENV:-$ROOT/.venv}
-EXTRAS="dev,triton,bench,datasel,ray,rag,langchain,llamaindex,anchors"
+EXTRAS="dev,triton,bench,datasel,ray,rag,langchain,llamaindex,anchors,fast"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }

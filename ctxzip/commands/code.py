@@ -39,6 +39,17 @@ def register(subparsers: Any) -> None:
                    "per-function budget (0 = same rate for every function)")
     p.add_argument("--alpha", type=float, default=0.2,
                    help="block boundary threshold: perplexity spike above mean + alpha*std")
+    p.add_argument("--block-values", choices=["normalized", "raw"], default="normalized",
+                   help="knapsack value of a block: AMI min-max normalised within its function "
+                   "(paper, default) or the raw AMI (reference code)")
+    p.add_argument("--spike-rule", choices=["paper", "reference"], default="paper",
+                   help="block boundary test (see docs/code.md)")
+    p.add_argument("--cursor-line", type=int, default=None,
+                   help="1-based line the model continues from (e.g. a completion point); "
+                   "used with --adjacent-fraction")
+    p.add_argument("--adjacent-fraction", type=float, default=0.0,
+                   help="share of the budget first given to whole chunks nearest --cursor-line "
+                   "(not in the paper; default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     p.add_argument("--json", action="store_true",
                    help="print a JSON object (text, token counts, rate, ratio, timings, ranking)")
@@ -69,10 +80,18 @@ def run(args: argparse.Namespace) -> int:
     data, name = _read(args.file)
     cc = CodeCompressor(
         model=args.model, language=args.language, fine_ratio=args.fine_ratio, beta=args.beta,
-        alpha=args.alpha, device=args.device, show_progress=args.progress,
+        alpha=args.alpha, block_values=args.block_values, spike_rule=args.spike_rule,
+        adjacent_fraction=args.adjacent_fraction, device=args.device, show_progress=args.progress,
     )
+    cursor = None
+    if args.cursor_line is not None:
+        text = data.decode("utf-8", errors="replace")
+        lines = text.splitlines(keepends=True)
+        if not 1 <= args.cursor_line <= len(lines) + 1:
+            raise ValueError(f"--cursor-line must be in [1, {len(lines) + 1}], got {args.cursor_line}")
+        cursor = len("".join(lines[: args.cursor_line - 1]))
     res = cc.compress(data, query=args.query, budget=budget, filename=name,
-                      rank_only=args.rank_only)
+                      rank_only=args.rank_only, cursor=cursor)
     if args.json:
         d = res.to_dict()
         det = res.details

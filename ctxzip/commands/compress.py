@@ -21,7 +21,7 @@ def register(sub: Any) -> None:
     p.add_argument("--query", default=None, help="question for question-aware compression (perplexity: LongLLMLingua contrastive scores)")
     p.add_argument("--model", default=None, help="token classifier (lingua2) or causal LM (perplexity) id/path; default: offline defaults")
     p.add_argument("--mode", choices=["global", "chunk"], default="global", help="lingua2 selection: global budget or the anchor's per-chunk percentile")
-    p.add_argument("--fast", action="store_true", help="lingua2: bfloat16 inference")
+    p.add_argument("--fast", action="store_true", help="lingua2: fast approximate inference (ONNX Runtime int8 if installed, else torch bf16/int8)")
     p.add_argument("--force-tokens", default="", help="lingua2: comma-separated words always kept")
     p.add_argument("--json", action="store_true", help="print a JSON object (text, tokens, rate, ratio, timings)")
     p.add_argument("--details", action="store_true", help="with --json: include method details and the keep mask")

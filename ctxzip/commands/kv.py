@@ -9,7 +9,8 @@ from typing import Any
 
 PRESS_NAMES = [
     "streaming_llm", "snapkv", "snapkv_adaptive", "h2o", "knorm", "ems", "gear", "lowrank",
-    "snapkv+gear",
+    "snapkv+gear", "observed_attention", "observed_attention_adaptive", "tova", "pyramidkv",
+    "pyramidkv_adaptive",
 ]
 
 

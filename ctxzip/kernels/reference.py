@@ -181,6 +181,10 @@ def _blocked(
     lg = None if lse_in is None else lse_in.float().view(B, Hkv, G, Tq)
     tiny = torch.finfo(torch.float32).tiny
     bq = _block_size(B, Hq, Tq - first, Tk, max_block_elems)
+    if causal and max_block_elems is None:
+        # smaller query blocks skip more of the masked upper triangle (a block reads only the
+        # key prefix it can see): ~8 blocks over long causal passes
+        bq = min(bq, max(128, -(-(Tq - first) // 8)))
     for q0 in range(first, Tq, bq):
         q1 = min(Tq, q0 + bq)
         n = min(Tk, Tk - Tq + q1) if causal else Tk  # keys this block can see
@@ -189,8 +193,11 @@ def _blocked(
         qb = qg[:, :, :, q0:q1].float().reshape(B, Hkv, G * (q1 - q0), d)
         s = torch.matmul(qb, kT[..., :n]).mul_(scale).view(B, Hkv, G, q1 - q0, n)
         if causal:
+            # only the last (q1 - q0) keys of the block can lie above the diagonal
+            w = min(n, q1 - q0)
             qpos = torch.arange(q0, q1, device=s.device) + (Tk - Tq)
-            s.masked_fill_(torch.arange(n, device=s.device)[None, :] > qpos[:, None], float("-inf"))
+            kpos = torch.arange(n - w, n, device=s.device)
+            s[..., n - w :].masked_fill_(kpos[None, :] > qpos[:, None], float("-inf"))
         mask.apply(s, q0, q1)
         if lg is not None:
             row = lg[:, :, :, q0:q1].unsqueeze(-1)

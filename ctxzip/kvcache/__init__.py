@@ -18,10 +18,14 @@ from .ems import EMSPress, global_local_score
 from .gear import GEARLayer, GEARPress
 from .generate import generate, prefill
 from .h2o import H2OPress
+from .kivi import KIVILayer, KIVIPress
 from .knorm import KNormPress
 from .lowrank import LowRankLayer, LowRankPress, PCACalibration, calibrate_pca
+from .observed_attention import ObservedAttentionPress, observed_attention_score
+from .pyramidkv import PyramidKVPress, pyramid_budgets
 from .snapkv import SnapKVPress
 from .streaming_llm import StreamingLLMPress
+from .tova import TOVAPress
 
 __all__ = [
     "BasePress",
@@ -43,11 +47,18 @@ __all__ = [
     "GEARPress",
     "GEARLayer",
     "EvictThenQuantizePress",
+    "KIVIPress",
+    "KIVILayer",
     "LowRankPress",
     "LowRankLayer",
     "PCACalibration",
     "calibrate_pca",
     "DecodingPress",
+    "ObservedAttentionPress",
+    "observed_attention_score",
+    "TOVAPress",
+    "PyramidKVPress",
+    "pyramid_budgets",
     "generate",
     "prefill",
 ]

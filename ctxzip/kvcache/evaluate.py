@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 
 from ..budget import Budget
-from .base import BasePress
+from .base import BasePress, LayerContext, ScorerPress
 from .cache import cache_nbytes, dense_cache_nbytes
 from .combo import EvictThenQuantizePress
 from .ems import EMSPress
@@ -19,10 +20,13 @@ from .generate import prefill
 from .h2o import H2OPress
 from .knorm import KNormPress
 from .lowrank import LowRankPress
+from .observed_attention import ObservedAttentionPress
+from .pyramidkv import PyramidKVPress
 from .snapkv import SnapKVPress
 from .streaming_llm import StreamingLLMPress
+from .tova import TOVAPress
 
-__all__ = ["PRESSES", "make_press", "evaluate_press"]
+__all__ = ["PRESSES", "QUALITY_PRESSES", "EVICTION_PRESSES", "make_press", "evaluate_press", "compress_many"]
 
 
 def _lowrank(budget: Budget, **kw: Any) -> LowRankPress:
@@ -37,12 +41,46 @@ PRESSES: dict[str, Callable[..., BasePress]] = {
     "h2o": lambda b, **kw: H2OPress(budget=b, **kw),
     "knorm": lambda b, **kw: KNormPress(budget=b, **kw),
     "ems": lambda b, **kw: EMSPress(budget=b, **kw),
+    "observed_attention": lambda b, **kw: ObservedAttentionPress(budget=b, **kw),
+    "observed_attention_adaptive": lambda b, **kw: ObservedAttentionPress(
+        budget=b, head_budget="adaptive", **kw
+    ),
+    "tova": lambda b, **kw: TOVAPress(budget=b, **kw),
+    "pyramidkv": lambda b, **kw: PyramidKVPress(budget=b, **kw),
+    "pyramidkv_adaptive": lambda b, **kw: PyramidKVPress(budget=b, head_budget="adaptive", **kw),
     "gear": lambda b, **kw: GEARPress(budget=b, **kw),
     "lowrank": _lowrank,
     "snapkv+gear": lambda b, **kw: EvictThenQuantizePress(
         evict=SnapKVPress(budget=b), quant=GEARPress(**kw)
     ),
 }
+
+
+#: every eviction press of the registry (score-then-evict; the quality benchmark's ``--presses all``)
+EVICTION_PRESSES: tuple[str, ...] = (
+    "streaming_llm",
+    "snapkv",
+    "snapkv_adaptive",
+    "h2o",
+    "knorm",
+    "ems",
+    "observed_attention",
+    "observed_attention_adaptive",
+    "tova",
+    "pyramidkv",
+    "pyramidkv_adaptive",
+)
+
+#: the presses ``benchmarks/kvcache_quality.py`` runs by default on the full protocol (chosen on
+#: one probe document so the run fits 2 shared cores; TOVA scores exactly as kvpress's TOVA)
+QUALITY_PRESSES: tuple[str, ...] = (
+    "streaming_llm",
+    "snapkv",
+    "knorm",
+    "observed_attention",
+    "h2o",
+    "ems",
+)
 
 
 def make_press(name: str, budget: Budget, **kwargs: Any) -> BasePress:
@@ -90,4 +128,61 @@ def evaluate_press(
     }
     out["bytes_vs_bf16"] = float(sum(rel_bytes) / max(len(rel_bytes), 1))
     out["prefill_s"] = prefill_s
+    return out
+
+
+def _score_key(press: BasePress) -> tuple | None:
+    """Presses that share a key compute identical scores (same class and settings, any budget)."""
+    if not isinstance(press, ScorerPress):
+        return None
+    cfg = {k: v for k, v in vars(press).items() if k not in ("budget", "score") and not k.startswith("_")}
+    return (type(press), repr(sorted(cfg.items(), key=lambda kv: kv[0])))
+
+
+class _FanOut(BasePress):
+    """Internal press that runs several presses on one prefill (see :func:`compress_many`)."""
+
+    def __init__(self, presses: dict[Any, BasePress]) -> None:
+        super().__init__()
+        self.presses = presses
+        self.layers: dict[Any, dict[int, Any]] = {k: {} for k in presses}
+        self.needs_ctxzip_attention = any(p.needs_ctxzip_attention for p in presses.values())
+
+    def compress_layer(self, ctx: LayerContext) -> None:
+        memo: dict[tuple, torch.Tensor] = {}
+        for name, p in self.presses.items():
+            key = _score_key(p)
+            if key is not None:
+                if key not in memo:
+                    memo[key] = p.score(ctx)
+                p.score = lambda _ctx, s=memo[key]: s  # type: ignore[method-assign]
+            try:
+                self.layers[name][ctx.layer_idx] = p.compress_layer(ctx)
+            finally:
+                p.__dict__.pop("score", None)
+        return None
+
+
+def compress_many(model: Any, input_ids: torch.Tensor, presses: dict[Any, BasePress]) -> dict[Any, Any]:
+    """Prefill ``input_ids`` once and return ``{name: compressed cache}`` for every press.
+
+    A press acts after each attention layer has run and only replaces that layer's cache, so
+    the prefill is the same for every press: this runs it once, lets each press compress every
+    layer from the same :class:`~ctxzip.kvcache.base.LayerContext`, and computes the scores of
+    presses that differ only in their budget once. Each returned cache equals
+    ``prefill(model, input_ids, press)``.
+    """
+    if not presses:
+        return {}
+    fan = _FanOut(presses)
+    with torch.no_grad():
+        base = prefill(model, input_ids, fan)
+    out = {}
+    for name in presses:
+        c = copy.copy(base)
+        c.layers = [
+            layer if fan.layers[name].get(i) is None else fan.layers[name][i]
+            for i, layer in enumerate(base.layers)
+        ]
+        out[name] = c
     return out

@@ -106,9 +106,11 @@ def _power_iteration(r: torch.Tensor, rank: int, loops: int, gen: torch.Generato
 def gear_compress(
     k: torch.Tensor, v: torch.Tensor, *, bits: int, group_size: int, rank: int, outlier: float,
     loops: int, seed: int = 0, factor_dtype: torch.dtype = torch.float16,
+    value_group_size: int | None = None,
 ) -> GEARChunk:
     """Compress one chunk ``[B, H, T_c, d]`` of keys and values (``T_c`` a multiple of
-    ``group_size``)."""
+    ``group_size``; values are grouped over ``value_group_size`` channels, default
+    ``min(group_size, d)``)."""
     gen = torch.Generator().manual_seed(seed)
     parts = []
     for x, axis, row_dim in ((k.float(), "channel", 2), (v.float(), "token", 3)):
@@ -116,7 +118,7 @@ def gear_compress(
         n_row = t if row_dim == 2 else d
         n_out = int(round(outlier * n_row / 2))
         xf, oidx, oval = _outliers(x, n_out, row_dim)
-        g = group_size if axis == "channel" else min(group_size, d)
+        g = group_size if axis == "channel" else min(value_group_size or group_size, d)
         while axis == "token" and d % g:
             g //= 2
         qt = quantize(xf.contiguous(), bits=bits, group_size=g, axis=axis)
@@ -167,6 +169,11 @@ class GEARLayer(DynamicLayer):
         self.press = press
         self.layer_idx = layer_idx
         self.chunks: list[GEARChunk] = []
+        # attention sinks: the first `sink` stored tokens stay in full precision
+        s = min(int(press.sink), n)
+        self.sink_keys = keys[:, :, :s].contiguous()
+        self.sink_values = values[:, :, :s].contiguous()
+        keys, values = keys[:, :, s:], values[:, :, s:]
         self.keys = keys[:, :, :0]
         self.values = values[:, :, :0]
         self._deq: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -191,6 +198,7 @@ class GEARLayer(DynamicLayer):
                     self.keys[:, :, s:e], self.values[:, :, s:e], bits=p.bits,
                     group_size=p.group_size, rank=rank, outlier=p.outlier, loops=p.loops,
                     seed=p.seed + self.layer_idx * 7919 + len(self.chunks),
+                    value_group_size=p.value_group_size,
                 )
             )
         self.n_compressed += n_full
@@ -212,13 +220,16 @@ class GEARLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         self._append(key_states, value_states)
         k, v = self._dequantized()
-        out = torch.cat([k, self.keys], -2), torch.cat([v, self.values], -2)
+        out = (
+            torch.cat([self.sink_keys, k, self.keys], -2),
+            torch.cat([self.sink_values, v, self.values], -2),
+        )
         if not self.press.cache_dequantized:
             self._deq = None
         return out
 
     def stored_length(self) -> int:
-        return self.n_compressed + self.keys.shape[-2]
+        return self.sink_keys.shape[-2] + self.n_compressed + self.keys.shape[-2]
 
     def get_seq_length(self) -> int:
         return self.evicted + self.stored_length()
@@ -228,7 +239,9 @@ class GEARLayer(DynamicLayer):
 
     def nbytes(self) -> int:
         seen: set[int] = set()
-        return sum(c.nbytes() for c in self.chunks) + _tensor_nbytes([self.keys, self.values], seen)
+        return sum(c.nbytes() for c in self.chunks) + _tensor_nbytes(
+            [self.sink_keys, self.sink_values, self.keys, self.values], seen
+        )
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a compressed cache layer cannot be cropped")
@@ -252,6 +265,7 @@ class GEARLayer(DynamicLayer):
             for c in self.chunks
         ]
         self.keys, self.values = fn(self.keys), fn(self.values)
+        self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
         self._deq = None
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -284,6 +298,11 @@ class GEARPress(BasePress):
         chunk: prefill chunk length for the low-rank fit (one (P, Q) pair per chunk, as the
             CUDA version's per-block factors); a multiple of ``group_size``.
         seed: power-iteration seed.
+        value_group_size: channels per value quantization group (``None``: ``group_size``
+            capped at the head dim, as GEAR).
+        sink: first stored tokens kept in full precision (attention sinks; 0 = GEAR as
+            published). The sink token's keys/values are outliers whose quantization error
+            every later query sees (IntactKV, Liu et al., 2024, arXiv 2403.01241; SKVQ).
         cache_dequantized: keep the dequantized copy between steps (faster decode, but the
             process then holds the fp tensors too; ``False`` measures the compressed form only).
     """
@@ -298,6 +317,8 @@ class GEARPress(BasePress):
     chunk: int = 256
     seed: int = 0
     cache_dequantized: bool = False
+    value_group_size: int | None = None
+    sink: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -312,6 +333,10 @@ class GEARPress(BasePress):
             raise ValueError("ranks must be >= 0")
         if not 0.0 <= self.outlier < 1.0:
             raise ValueError("outlier must be in [0, 1)")
+        if self.value_group_size is not None and self.value_group_size < 1:
+            raise ValueError("value_group_size must be >= 1")
+        if self.sink < 0:
+            raise ValueError("sink must be >= 0")
 
     def compress_layer(self, ctx: LayerContext) -> Any:
         return GEARLayer(self, ctx.keys, ctx.values, ctx.layer_idx)

@@ -28,6 +28,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from ..budget import allocate, topk_indices
 from .base import BasePress, LayerContext, attention_modules
 from .cache import EvictedLayer, _tensor_nbytes
+from .kivi import rotate_keys
 
 __all__ = ["LowRankPress", "PCACalibration", "LowRankLayer", "calibrate_pca"]
 
@@ -45,6 +46,8 @@ class PCACalibration:
     basis_v: list[torch.Tensor | None]
     eig_v: list[torch.Tensor | None]
     n_tokens: int
+    #: keys were un-rotated (RoPE removed) before the PCA; the press projects pre-RoPE keys
+    pre_rope: bool = False
 
     def save(self, path: str) -> None:
         torch.save(self.__dict__, path)
@@ -66,34 +69,64 @@ def _pca(sum_x: torch.Tensor, sum_xx: torch.Tensor, n: int) -> tuple[torch.Tenso
 def calibrate_pca(
     model: torch.nn.Module,
     input_ids: Iterable[torch.Tensor],
+    pre_rope: bool = True,
 ) -> PCACalibration:
-    """Running mean / second moment of every full-attention layer's cached (post-RoPE) keys and
-    values over the given token sequences (each ``[1, T]``), then ``eigh``."""
-    n_layers = len(attention_modules(model))
+    """Running mean / second moment of every full-attention layer's cached keys and values over
+    the given token sequences (each ``[1, T]``), then ``eigh``. With ``pre_rope`` the keys are
+    un-rotated first (each layer's own ``cos``/``sin``): pre-RoPE keys are low-rank, post-RoPE
+    keys are not (RoPE spreads each channel pair's energy over positions; ShadowKV, Sun et al.,
+    2024, arXiv 2410.21465; Palu)."""
+    mods = attention_modules(model)
+    n_layers = len(mods)
     acc: list[dict[str, Any] | None] = [None] * n_layers
     n = 0
     dev = next(model.parameters()).device
-    for ids in input_ids:
-        cache = DynamicCache(config=model.config)
-        model(ids.to(dev), past_key_values=cache, use_cache=True)
-        for li, layer in enumerate(cache.layers):
-            if type(layer) is not DynamicLayer or layer.keys is None:
-                continue
-            k = layer.keys[0].double()  # [H, T, d]
-            v = layer.values[0].double()
-            a = acc[li]
-            if a is None:
-                a = acc[li] = {
-                    "sk": torch.zeros(k.shape[0], k.shape[-1], dtype=torch.float64),
-                    "skk": torch.zeros(k.shape[0], k.shape[-1], k.shape[-1], dtype=torch.float64),
-                    "sv": torch.zeros(v.shape[0], v.shape[-1], dtype=torch.float64),
-                    "svv": torch.zeros(v.shape[0], v.shape[-1], v.shape[-1], dtype=torch.float64),
-                }
-            a["sk"] += k.sum(1).cpu()
-            a["skk"] += (k.transpose(1, 2) @ k).cpu()
-            a["sv"] += v.sum(1).cpu()
-            a["svv"] += (v.transpose(1, 2) @ v).cpu()
-        n += int(ids.shape[-1])
+    rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def grab(module: Any, _args: tuple, kwargs: dict) -> None:
+        pe = kwargs.get("position_embeddings")
+        if pe is not None:
+            rope[module.layer_idx] = pe
+
+    handles = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in mods] if pre_rope else []
+    try:
+        for ids in input_ids:
+            cache = DynamicCache(config=model.config)
+            rope.clear()
+            model(ids.to(dev), past_key_values=cache, use_cache=True)
+            _accumulate(cache, acc, rope if pre_rope else None)
+            n += int(ids.shape[-1])
+    finally:
+        for h in handles:
+            h.remove()
+    return _finish(acc, n, pre_rope)
+
+
+def _accumulate(cache: Any, acc: list, rope: dict | None) -> None:
+    for li, layer in enumerate(cache.layers):
+        if type(layer) is not DynamicLayer or layer.keys is None:
+            continue
+        keys = layer.keys
+        if rope is not None:
+            cos, sin = rope[li]
+            keys = rotate_keys(keys.float(), cos[:, None].float(), sin[:, None].float(), inverse=True)
+        k = keys[0].double()  # [H, T, d]
+        v = layer.values[0].double()
+        a = acc[li]
+        if a is None:
+            a = acc[li] = {
+                "sk": torch.zeros(k.shape[0], k.shape[-1], dtype=torch.float64),
+                "skk": torch.zeros(k.shape[0], k.shape[-1], k.shape[-1], dtype=torch.float64),
+                "sv": torch.zeros(v.shape[0], v.shape[-1], dtype=torch.float64),
+                "svv": torch.zeros(v.shape[0], v.shape[-1], v.shape[-1], dtype=torch.float64),
+            }
+        a["sk"] += k.sum(1).cpu()
+        a["skk"] += (k.transpose(1, 2) @ k).cpu()
+        a["sv"] += v.sum(1).cpu()
+        a["svv"] += (v.transpose(1, 2) @ v).cpu()
+
+
+def _finish(acc: list, n: int, pre_rope: bool) -> PCACalibration:
     if n == 0:
         raise ValueError("calibration needs at least one non-empty token sequence")
     out: dict[str, list] = {k: [] for k in ("mean_k", "basis_k", "eig_k", "mean_v", "basis_v", "eig_v")}
@@ -107,7 +140,7 @@ def calibrate_pca(
             out[f"mean_{kind}"].append(mu.float())
             out[f"basis_{kind}"].append(vec.float())
             out[f"eig_{kind}"].append(eig.float())
-    return PCACalibration(n_tokens=n, **out)
+    return PCACalibration(n_tokens=n, pre_rope=pre_rope, **out)
 
 
 def default_calibration_texts(n_chars: int = 24_000) -> list[str]:
@@ -154,6 +187,7 @@ class LowRankLayer(DynamicLayer):
         recent_k: torch.Tensor,
         recent_v: torch.Tensor,
         logical_length: int,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         super().__init__()
         self.lazy_initialization(recent_k, recent_v)
@@ -162,12 +196,18 @@ class LowRankLayer(DynamicLayer):
         self.mean_k, self.mean_v = mean_k, mean_v  # [H, d]
         self.keys, self.values = recent_k, recent_v
         self.logical_length = int(logical_length)
+        # cos/sin [Bc, T_c, d_rot] of the projected tokens when the coordinates are pre-RoPE
+        # (a slice of the model's RoPE table: a shared, recomputable constant)
+        self.rope = rope
 
     def _reconstruct(self) -> tuple[torch.Tensor, torch.Tensor]:
         ks = [c.float() @ u.T for c, u in zip(self.coef_k, self.basis_k)]
         vs = [c.float() @ u.T for c, u in zip(self.coef_v, self.basis_v)]
         k = torch.stack(ks, 1) + self.mean_k[None, :, None, :]
         v = torch.stack(vs, 1) + self.mean_v[None, :, None, :]
+        if self.rope is not None:
+            cos, sin = self.rope
+            k = rotate_keys(k, cos[:, None].float(), sin[:, None].float())
         return k.to(self.keys.dtype), v.to(self.values.dtype)
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -196,7 +236,8 @@ class LowRankLayer(DynamicLayer):
     def shared_nbytes(self) -> int:
         seen: set[int] = set()
         return sum(
-            _tensor_nbytes(t, seen) for t in (self.basis_k, self.basis_v, self.mean_k, self.mean_v)
+            _tensor_nbytes(t, seen)
+            for t in (self.basis_k, self.basis_v, self.mean_k, self.mean_v, self.rope or ())
         )
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -206,6 +247,8 @@ class LowRankLayer(DynamicLayer):
         self.coef_k = [fn(c) for c in self.coef_k]
         self.coef_v = [fn(c) for c in self.coef_v]
         self.keys, self.values = fn(self.keys), fn(self.values)
+        if self.rope is not None and self.rope[0].shape[0] > 1:
+            self.rope = (fn(self.rope[0]), fn(self.rope[1]))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
@@ -319,6 +362,11 @@ class LowRankPress(BasePress):
         n_old = t - self.recent_window
         dev = ctx.keys.device
         k_old = ctx.keys[:, :, :n_old].float()
+        rope = None
+        if cal.pre_rope:
+            cos, sin = ctx.position_embeddings
+            rope = (cos[:, :n_old], sin[:, :n_old])
+            k_old = rotate_keys(k_old, rope[0][:, None].float(), rope[1][:, None].float(), inverse=True)
         v_old = ctx.values[:, :, :n_old].float()
         mk, mv = cal.mean_k[li].to(dev), cal.mean_v[li].to(dev)
         cdt = self.coef_dtype or ctx.keys.dtype
@@ -332,5 +380,5 @@ class LowRankPress(BasePress):
             bv.append(uv)
         return LowRankLayer(
             coef_k, coef_v, bk, bv, mk, mv,
-            ctx.keys[:, :, n_old:].contiguous(), ctx.values[:, :, n_old:].contiguous(), t,
+            ctx.keys[:, :, n_old:].contiguous(), ctx.values[:, :, n_old:].contiguous(), t, rope,
         )

@@ -30,11 +30,16 @@ class SnapKVPress(ScorerPress):
         kernel: pooling kernel size (paper code 5; LongBench configs 7).
         pooling: ``"avg"`` (code default) or ``"max"`` (LongBench configs).
         head_budget: ``"uniform"`` (paper) or ``"adaptive"`` (Ada-KV head-wise budgets, ragged).
+        gqa: how the query heads sharing a KV head vote: ``"mean"`` (kvpress), ``"sum"`` (same
+            ranking, other scale for adaptive budgets) or ``"max"`` (a token is kept if any
+            query head of the group needs it - closest to the paper's per-query-head selection
+            while keeping one selection per KV head).
     """
 
     window: int = 32
     kernel: int = 5
     pooling: str = "avg"
+    gqa: str = "mean"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -44,10 +49,17 @@ class SnapKVPress(ScorerPress):
             raise ValueError("kernel must be a positive odd integer")
         if self.pooling not in ("avg", "max"):
             raise ValueError("pooling must be 'avg' or 'max'")
+        if self.gqa not in ("mean", "sum", "max"):
+            raise ValueError("gqa must be 'mean', 'sum' or 'max'")
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         w = min(self.window, ctx.seq_len)
-        mass = ctx.attention_mass(window=w, gqa="mean") / w  # [B, H, T]
+        if self.gqa == "max":
+            per_q = ctx.attention_mass(window=w, gqa="per_head") / w  # [B, Hq, T]
+            hkv = ctx.keys.shape[1]
+            mass = per_q.view(per_q.shape[0], hkv, -1, per_q.shape[-1]).amax(2)
+        else:
+            mass = ctx.attention_mass(window=w, gqa=self.gqa) / w  # [B, Hkv, T]
         b, h, t = mass.shape
         if self.kernel > 1:
             x = mass.reshape(b * h, 1, t)

@@ -15,10 +15,10 @@ YerbaPage/LongCodeZip, ``longcodezip/__init__.py``; read, not copied):
    ``min_lines_for_fine`` lines are kept whole.
 3. **Fine stage** - cut each kept chunk into blocks at perplexity spikes (line-level perplexity
    of each line given the lines before it; a line whose perplexity is a local maximum above
-   ``mean + alpha * std`` ends a block), score blocks by the same AMI, force-keep the signature,
-   and pick blocks with the shared 0/1 knapsack (:func:`ctxzip.budget.knapsack`) under each
-   chunk's budget. Gaps are marked with a language-correct elision comment at the gap's
-   indentation.
+   ``mean + alpha * std`` ends a block), score blocks by the same AMI, min-max normalised within
+   the function (the paper's knapsack value), force-keep the signature, and pick blocks with the
+   shared 0/1 knapsack (:func:`ctxzip.budget.knapsack`) under each chunk's budget. Gaps are
+   marked with a language-correct elision comment at the gap's indentation.
 
 LM calls are batched: all chunks are scored against the query in a few padded forward passes,
 and that same pass (chunk tokens, then the query) also gives the per-token losses of every chunk,
@@ -37,9 +37,12 @@ Where the reference code and the paper differ (see ``docs/code.md``):
 * line perplexities come from the same LM as the ranking (the reference code loads a second
   model, Qwen2.5-Coder-0.5B, for them).
 * budget allocation is in tokens (the reference code allocates lines).
-* ``fill_budget`` (default on): after the knapsack over blocks with positive AMI, leftover
-  capacity is filled with the remaining blocks by AMI (a second knapsack). The reference code
-  leaves it unused; off reproduces that.
+* knapsack values - the paper's normalised AMI (``block_values="normalized"``); the reference
+  code uses the raw AMI, so blocks with AMI <= 0 are never kept (``block_values="raw"``).
+* ``fill_budget`` (default on): capacity the knapsack leaves unused is filled with the
+  remaining blocks by value (a second knapsack). The reference code leaves it unused.
+* ``adjacent_fraction`` with ``compress(..., cursor=...)`` (not in the paper, off by default):
+  a share of the budget first keeps the whole chunks nearest the completion point.
 """
 
 from __future__ import annotations
@@ -206,10 +209,16 @@ class _LMScorer:
 
 
 # ---------------------------------------------------------------------- block segmentation
-def find_spikes(values: np.ndarray, alpha: float = 0.2) -> list[int]:
-    """Indices of perplexity spikes: finite values that are local maxima (``>=`` both finite
-    neighbours, strictly above at least one) and exceed ``mean + alpha * std`` of the finite
-    values. Needs at least 3 finite values (else no spikes)."""
+def find_spikes(values: np.ndarray, alpha: float = 0.2, rule: str = "paper") -> list[int]:
+    """Indices of perplexity spikes among the finite ``values`` (NaN = no value, e.g. blank
+    lines, skipped). Needs at least 3 finite values (else no spikes). ``thr = mean + alpha *
+    std`` of the finite values.
+
+    * ``rule="paper"``: a local maximum (``>=`` both finite neighbours, strictly above at
+      least one) whose value exceeds ``thr``.
+    * ``rule="reference"``: the reference code's test - a local maximum whose rise over at
+      least one neighbour is ``>= thr`` (differences compared with a threshold on values).
+    """
     v = np.asarray(values, dtype=np.float64)
     idx = np.flatnonzero(np.isfinite(v))
     if idx.size < 3:
@@ -219,7 +228,13 @@ def find_spikes(values: np.ndarray, alpha: float = 0.2) -> list[int]:
     out = []
     for k in range(1, idx.size - 1):
         cur, left, right = fv[k], fv[k - 1], fv[k + 1]
-        if cur >= left and cur >= right and (cur > left or cur > right) and cur > thr:
+        if not (cur >= left and cur >= right):
+            continue
+        if rule == "reference":
+            ok = (cur - left) >= thr or (cur - right) >= thr
+        else:
+            ok = (cur > left or cur > right) and cur > thr
+        if ok:
             out.append(int(idx[k]))
     return out
 
@@ -261,8 +276,24 @@ class CodeCompressor(TextCompressor):
         preserve_comments_returns: also force-keep blocks whose first line is a comment or a
             ``return`` (the reference code does; the paper only names the signature). Off by
             default.
-        fill_budget: fill capacity the positive-AMI knapsack leaves unused with the remaining
-            blocks (see the module docstring; off = reference behaviour).
+        fill_budget: fill capacity the knapsack leaves unused with the remaining blocks (see
+            the module docstring).
+        block_values: knapsack value of a block. ``"normalized"`` (paper, Sec. III-C: the
+            block's AMI min-max normalised within its function, so every block but the least
+            relevant one is worth something and the function's budget is spent);
+            ``"raw"`` (reference code: the raw AMI ``PPL(q) - PPL(q | block)``; blocks with
+            AMI <= 0 are never chosen, so the budget is often left unused unless
+            ``fill_budget``).
+        spike_rule: block boundaries. ``"paper"``: a line whose perplexity is a local maximum
+            above ``mean + alpha * std``; ``"reference"``: the reference code's rule (the
+            line's *rise* over a neighbour must reach ``mean + alpha * std`` of the values,
+            which yields fewer, larger blocks).
+        adjacent_fraction: only used when ``compress(..., cursor=...)`` gives the position the
+            model will continue from (e.g. the hole of a code completion). This fraction of
+            the budget is first spent on the whole chunks nearest the cursor (by line
+            distance), which are kept as they are; the paper's two stages fill the rest.
+            ``0`` (default) = the paper's method, which ignores position. Not in the paper
+            (see ``docs/code.md``).
         rank_only: coarse stage only (whole chunks under the full budget).
         max_chunk_tokens: chunks longer than this are cut into pieces before ranking (so one
             giant function can still be partly kept by the coarse stage).
@@ -282,6 +313,9 @@ class CodeCompressor(TextCompressor):
     min_lines_for_fine: int = 5
     preserve_comments_returns: bool = False
     fill_budget: bool = True
+    block_values: str = "normalized"
+    spike_rule: str = "paper"
+    adjacent_fraction: float = 0.0
     rank_only: bool = False
     max_chunk_tokens: int = 1024
     max_line_chars: int = 400
@@ -306,6 +340,14 @@ class CodeCompressor(TextCompressor):
                 raise ValueError(f"{k} must be a positive integer, got {v!r}")
         if self.max_line_chars < 16:
             raise ValueError(f"max_line_chars must be >= 16, got {self.max_line_chars}")
+        if self.block_values not in ("normalized", "raw"):
+            raise ValueError(f"block_values must be 'normalized' or 'raw', got {self.block_values!r}")
+        if self.spike_rule not in ("paper", "reference"):
+            raise ValueError(f"spike_rule must be 'paper' or 'reference', got {self.spike_rule!r}")
+        if not (isinstance(self.adjacent_fraction, (int, float))
+                and 0.0 <= self.adjacent_fraction <= 1.0):
+            raise ValueError(
+                f"adjacent_fraction must satisfy 0 <= x <= 1, got {self.adjacent_fraction!r}")
         normalize_language(self.language)  # raises on an unknown name
         if self.model is not None and not isinstance(self.model, str) and self.tokenizer is None:
             raise ValueError("pass tokenizer=... together with a loaded model")
@@ -349,7 +391,7 @@ class CodeCompressor(TextCompressor):
     def _compress(
         self, text: str, *, budget: Budget, n_tokens: int, query: str | None,
         language: str | None = None, filename: str | None = None, rank_only: bool | None = None,
-        **kwargs: Any,
+        cursor: int | None = None, **kwargs: Any,
     ) -> CompressionResult:
         if kwargs:
             raise TypeError(f"unexpected arguments: {', '.join(sorted(kwargs))}")
@@ -420,11 +462,13 @@ class CodeCompressor(TextCompressor):
         order = np.argsort(-ami, kind="stable")  # ties (e.g. no query): file order
         kept_chunks: list[int] = []
         used = 0
-        for i in order:
-            if used + sizes[i] <= coarse_cap:
+        adjacent = self._adjacent_chunks(text, units, chunks, sizes, cursor, unit_target)
+        for i in [*adjacent, *order]:
+            if i not in kept_chunks and used + sizes[i] <= coarse_cap:
                 kept_chunks.append(int(i))
                 used += int(sizes[i])
         kept_chunks.sort()
+        details["adjacent_chunks"] = sorted(adjacent)
         details.update(
             chunk_scores=[float(x) if np.isfinite(x) else None for x in ami],
             chunk_ranges=[(c.start, c.end, c.kind, c.name) for c in chunks],
@@ -442,7 +486,7 @@ class CodeCompressor(TextCompressor):
             t2 = time.perf_counter()
             blocks_by_chunk, alloc = self._fine(
                 chunks, kept_chunks, sizes, ami, units, unit_tok, safe, hidden, chunk_ids,
-                chunk_starts, q_ids, unit_target, lang, scorer, co["blocks"],
+                chunk_starts, q_ids, unit_target, lang, scorer, co["blocks"], set(adjacent),
             )
             for i, blocks in blocks_by_chunk.items():
                 c = chunks[i]
@@ -460,8 +504,11 @@ class CodeCompressor(TextCompressor):
 
         # ---- render and enforce the budget (markers and headers cost tokens too)
         t3 = time.perf_counter()
+        protected = ami.copy()
+        protected[adjacent] = 1e30  # adjacent chunks are dropped last
         out, dropped = self._render_within(
-            keep, units, unit_tok, chunks, kept_chunks, blocks_by_chunk, ami, target, lang, scale
+            keep, units, unit_tok, chunks, kept_chunks, blocks_by_chunk, protected, target, lang,
+            scale,
         )
         timings["render"] = time.perf_counter() - t3
         details["trimmed_after_render"] = dropped
@@ -476,12 +523,15 @@ class CodeCompressor(TextCompressor):
         units: list[str], unit_tok: np.ndarray, safe: list[bool], hidden: list[Any],
         chunk_ids: list[list[int]], chunk_starts: list[list[int]], q_ids: list[int], target: int,
         lang: str, scorer: _LMScorer, block_cache: dict[tuple[int, int], float],
+        whole: set[int] | None = None,
     ) -> tuple[dict[int, list[_Block]], np.ndarray]:
         k_sizes = sizes[kept]
         nonblank = np.array(
             [sum(1 for u in units[chunks[i].start : chunks[i].end] if u.strip()) for i in kept]
         )
         small = nonblank < self.min_lines_for_fine
+        if whole:
+            small |= np.array([i in whole for i in kept])
         head_tok = np.array(
             [int(unit_tok[chunks[i].start : chunks[i].header_end].sum()) for i in kept]
         )
@@ -529,14 +579,15 @@ class CodeCompressor(TextCompressor):
         else:  # no query: every block is worth its size (keep as much as fits)
             for b in flat:
                 b.value = float(b.weight)
-        for blk in blocks_by_chunk.values():
-            for b in blk:
-                if not "".join(units[b.start : b.end]).strip():
-                    b.value = 0.0  # blank blocks carry nothing (reference: -inf -> 0)
-
         for pos, i in todo:
             blk = blocks_by_chunk[i]
+            blank = np.array([not "".join(units[b.start : b.end]).strip() for b in blk])
             v = np.array([b.value for b in blk])
+            if self.block_values == "normalized" and q_ids and (~blank).any():
+                v[~blank] = _minmax(v[~blank])
+            v[blank] = 0.0  # blank blocks carry nothing (reference: -inf -> 0)
+            for b, x in zip(blk, v):
+                b.value = float(x)
             w = np.array([b.weight for b in blk], dtype=np.int64)
             f = np.array([b.forced for b in blk])
             cap = int(alloc[pos])
@@ -550,6 +601,37 @@ class CodeCompressor(TextCompressor):
             for b, ch in zip(blk, chosen):
                 b.chosen = bool(ch)
         return blocks_by_chunk, alloc
+
+    def _adjacent_chunks(
+        self, text: str, units: list[str], chunks: list[Chunk], sizes: np.ndarray,
+        cursor: int | None, unit_target: int,
+    ) -> list[int]:
+        """Whole chunks nearest ``cursor`` (a character offset into ``text``) by line distance
+        (the chunk above first on ties), while they fit in ``adjacent_fraction`` of the budget."""
+        if cursor is None or self.adjacent_fraction <= 0 or not chunks:
+            return []
+        if isinstance(cursor, bool) or not isinstance(cursor, (int, np.integer)) or not (
+            0 <= cursor <= len(text)
+        ):
+            raise ValueError(f"cursor must be a character offset in [0, {len(text)}], got {cursor!r}")
+        bounds = np.cumsum([0] + [len(u) for u in units])
+        cu = int(np.searchsorted(bounds, cursor, side="right") - 1)  # unit at/after the cursor
+
+        def dist(c: Chunk) -> tuple[int, int]:
+            if c.end <= cu:
+                return (cu - c.end, 0)
+            if c.start >= cu:
+                return (c.start - cu, 1)
+            return (0, 0)
+
+        cap = int(self.adjacent_fraction * unit_target)
+        out: list[int] = []
+        used = 0
+        for i in sorted(range(len(chunks)), key=lambda k: dist(chunks[k])):
+            if used + sizes[i] <= cap:
+                out.append(i)
+                used += int(sizes[i])
+        return out
 
     def _base_q_nll(self, scorer: _LMScorer, q_ids: list[int]) -> float:
         """Mean NLL of the query with no context (memoised for the last query)."""
@@ -570,7 +652,7 @@ class CodeCompressor(TextCompressor):
             line_nll[j - c.start] if units[j].strip() else np.nan for j in range(c.start, c.end)
         ])
         cuts = set()
-        for k in find_spikes(vals, self.alpha):
+        for k in find_spikes(vals, self.alpha, self.spike_rule):
             j = c.start + k
             while j < c.end - 1 and not safe[j]:
                 j += 1
@@ -708,6 +790,17 @@ def _opens_suite(parts: list[str]) -> bool:
         if t:
             return t.endswith(":")
     return False
+
+
+def _minmax(v: np.ndarray) -> np.ndarray:
+    """Min-max normalise to [0, 1] (all equal -> all 1: every block equally worth keeping)."""
+    v = np.asarray(v, dtype=np.float64)
+    if v.size == 0:
+        return v
+    lo, hi = float(v.min()), float(v.max())
+    if hi - lo <= 1e-12:
+        return np.ones_like(v)
+    return (v - lo) / (hi - lo)
 
 
 def _count_gaps(kept: list[int], n: int) -> int:

@@ -34,7 +34,9 @@ What is different from the anchor, and why (see ``docs/prompt.md``):
   rebuilds text from tokens, which lower-cases with uncased models and joins chunks without a
   separator). ``[UNK]`` words are kept as text; the anchor silently deletes them.
 * Batches are sorted by length and padded only to their longest member (the anchor pads every
-  chunk to 512). ``fast=`` adds int8 or bfloat16 inference on top (approximate decisions).
+  chunk to 512). ``fast=`` adds approximate inference on top: ONNX Runtime with fused attention
+  and SmoothQuant-smoothed dynamic int8, one unpadded chunk per call spread over the worker
+  threads (:mod:`ctxzip.prompt.onnx_backend`), or torch bfloat16 / dynamic int8.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ from ctxzip.budget import Budget, topk_mask
 from ctxzip.compressor import CompressionResult, TextCompressor, check_budget, ensure_text
 
 __all__ = ["TokenClassifierCompressor", "WordScores"]
+
+FAST_MODES = ("int8", "bf16", "onnx", "onnx-int8")
 
 
 @dataclass
@@ -102,11 +106,15 @@ class TokenClassifierCompressor(TextCompressor):
         chunk_end_tokens: tokens a chunk may end at (anchor default ``.`` and newline).
         max_seq_len: classifier window including ``[CLS]``/``[SEP]`` (anchor: 512).
         batch_size: chunks per forward pass (anchor: 50).
-        fast: faster, approximate inference: ``"int8"`` - dynamic int8 quantization of every
-            linear layer (CPU); ``"bf16"`` - bfloat16 weights and activations (CPUs with
-            AVX512-BF16/AMX, or CUDA); ``True`` - bf16 where supported, else int8. Decisions can differ
-            from full precision on words whose probability sits next to the threshold
-            (measured in ``benchmarks/prompt_speed.py``).
+        fast: faster inference (CPU unless noted). ``"onnx-int8"`` - ONNX Runtime, fused
+            attention, SmoothQuant-smoothed dynamic int8 matrix products (needs the ``fast``
+            extra: ``pip install 'ctxzip[fast]'``; the converted graph is cached on disk);
+            ``"onnx"`` - ONNX Runtime in fp32 (near-exact); ``"bf16"`` - torch bfloat16 (CPUs
+            with AVX512-BF16/AMX, or CUDA); ``"int8"`` - torch dynamic int8 of every linear
+            layer; ``True`` - ``"onnx-int8"`` when ONNX Runtime is installed and the device is
+            the CPU, else ``"bf16"`` where supported, else ``"int8"``. Approximate modes can flip
+            words whose probability sits next to the threshold (agreement with exact mode is
+            measured in ``benchmarks/prompt_speed.py``).
         token_weights: what the percentile/budget counts per word: ``"target"`` - tokens of the
             counting (target-LM) tokenizer, like the anchor's GPT tokenizer; ``"classifier"`` -
             the classifier's own subword tokens.
@@ -134,7 +142,7 @@ class TokenClassifierCompressor(TextCompressor):
     chunk_end_tokens: tuple[str, ...] = (".", "\n")
     max_seq_len: int = 512
     batch_size: int = 50
-    fast: bool | Literal["int8", "bf16"] = False
+    fast: bool | Literal["int8", "bf16", "onnx", "onnx-int8"] = False
     token_weights: Literal["target", "classifier"] = "target"
     sentence_filter: bool | None = None
     token_budget_ratio: float = 1.0
@@ -142,6 +150,7 @@ class TokenClassifierCompressor(TextCompressor):
     device: Any = None
     tokenizer: Any = None
     _clf: Any = field(default=None, init=False, repr=False)
+    _ort: Any = field(default=None, init=False, repr=False)
     _tables: Any = field(default=None, init=False, repr=False)
 
     name: ClassVar[str] = "lingua2"
@@ -153,6 +162,16 @@ class TokenClassifierCompressor(TextCompressor):
             raise ValueError(f"word_scheme must be 'auto', 'wordpiece' or 'sentencepiece', got {self.word_scheme!r}")
         if self.token_to_word not in ("mean", "first"):
             raise ValueError(f"token_to_word must be 'mean' or 'first', got {self.token_to_word!r}")
+        if not (isinstance(self.fast, bool) or self.fast in FAST_MODES):
+            raise ValueError(f"fast must be True, False or one of {FAST_MODES}, got {self.fast!r}")
+        if self.fast in ("onnx", "onnx-int8"):
+            from ctxzip.prompt.onnx_backend import onnxruntime_available
+
+            if not onnxruntime_available():
+                raise ImportError(
+                    f"fast={self.fast!r} needs ONNX Runtime, which is not installed: "
+                    "pip install 'ctxzip[fast]' (or use fast='bf16' / 'int8')"
+                )
         if self.token_weights not in ("target", "classifier"):
             raise ValueError(f"token_weights must be 'target' or 'classifier', got {self.token_weights!r}")
         for nm in ("max_seq_len", "batch_size"):
@@ -194,8 +213,19 @@ class TokenClassifierCompressor(TextCompressor):
             model = model.to(dev).eval()
             kind = self.fast
             if kind is True:
-                kind = "bf16" if _bf16_ok(dev) else "int8"
-            if kind == "bf16" and _bf16_ok(dev):
+                from ctxzip.prompt.onnx_backend import onnxruntime_available
+
+                if dev.type == "cpu" and onnxruntime_available():
+                    kind = "onnx-int8"
+                else:
+                    kind = "bf16" if _bf16_ok(dev) else "int8"
+            if kind in ("onnx", "onnx-int8"):
+                if dev.type != "cpu":
+                    raise ValueError(f"fast={kind!r} runs on CPU only; use fast='bf16' on GPU")
+                from ctxzip.prompt.onnx_backend import OnnxClassifier
+
+                self._ort = OnnxClassifier(model, tok, quantize=kind == "onnx-int8", threads=torch.get_num_threads())
+            elif kind == "bf16" and _bf16_ok(dev):
                 model = model.to(torch.bfloat16)
             elif kind == "int8":
                 if dev.type != "cpu":
@@ -213,6 +243,7 @@ class TokenClassifierCompressor(TextCompressor):
             raise TypeError("a TokenClassifierCompressor holding a model object cannot be pickled; pass its path")
         d = dict(self.__dict__)
         d["_clf"] = None
+        d["_ort"] = None
         d["_tables"] = None
         return d
 
@@ -279,7 +310,12 @@ class TokenClassifierCompressor(TextCompressor):
         return out
 
     def _token_probs(self, ids: np.ndarray, chunks: list[tuple[int, int]]) -> np.ndarray:
-        """Keep probability of every token (``[CLS] chunk [SEP]`` per chunk, batched)."""
+        """Keep probability of every token (``[CLS] chunk [SEP]`` per chunk).
+
+        torch: chunks are batched (``batch_size``), sorted by length and padded only to the
+        longest of their batch (the anchor pads all to ``max_seq_len``). ONNX Runtime: each
+        chunk is one unpadded call, and the calls are spread over the worker threads
+        (:meth:`ctxzip.prompt.onnx_backend.OnnxClassifier.map`)."""
         import torch
 
         model, tok = self.classifier()
@@ -298,26 +334,38 @@ class TokenClassifierCompressor(TextCompressor):
         dtype = next(model.parameters()).dtype
         from tqdm.auto import tqdm
 
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        bs = self.batch_size
+        batches = [order[i : i + bs] for i in range(0, len(order), bs)]
+
+        def put(bidx: list[int], p: np.ndarray) -> None:
+            for r, i in enumerate(bidx):
+                a, b = chunks[i]
+                n_in = min(b - a, self.max_seq_len - off)
+                probs[a : a + n_in] = p[r, off : off + n_in]
+                if n_in < b - a:  # cannot happen with the anchor's chunking; be safe
+                    probs[a + n_in : b] = p[r, off + n_in - 1]
+
+        if self._ort is not None:
+            with tqdm(total=len(order), desc="classify", unit="chunk", disable=len(order) < 8, leave=False) as bar:
+                outs = self._ort.map([seqs[i] for i in order], progress=bar)
+            for i, p in zip(order, outs):
+                put([i], p[None, :].astype(np.float64))
+            return probs
+        bar = tqdm(batches, desc="classify", unit="chunk" if bs == 1 else "batch", disable=len(batches) < 8, leave=False)
         with torch.inference_mode():
-            for bidx in tqdm(batches, desc="classify", unit="batch", disable=len(batches) < 4, leave=False):
-                L = max(len(seqs[i]) for i in bidx)
-                x = torch.full((len(bidx), L), pad_id, dtype=torch.long)
-                m = torch.zeros((len(bidx), L), dtype=torch.long)
-                for r, i in enumerate(bidx):
-                    x[r, : len(seqs[i])] = torch.tensor(seqs[i])
-                    m[r, : len(seqs[i])] = 1
-                if dtype == torch.bfloat16:
-                    logits = model(input_ids=x.to(dev), attention_mask=m.to(dev)).logits.float()
+            for bidx in bar:
+                if len(bidx) == 1:
+                    out = model(input_ids=torch.tensor([seqs[bidx[0]]], device=dev))
                 else:
-                    logits = model(input_ids=x.to(dev), attention_mask=m.to(dev)).logits
-                p = torch.softmax(logits, dim=-1)[..., 1].cpu().numpy().astype(np.float64)
-                for r, i in enumerate(bidx):
-                    a, b = chunks[i]
-                    n_in = min(b - a, self.max_seq_len - off)
-                    probs[a : a + n_in] = p[r, off : off + n_in]
-                    if n_in < b - a:  # cannot happen with the anchor's chunking; be safe
-                        probs[a + n_in : b] = p[r, off + n_in - 1]
+                    L = max(len(seqs[i]) for i in bidx)
+                    x = torch.full((len(bidx), L), pad_id, dtype=torch.long)
+                    m = torch.zeros((len(bidx), L), dtype=torch.long)
+                    for r, i in enumerate(bidx):
+                        x[r, : len(seqs[i])] = torch.tensor(seqs[i])
+                        m[r, : len(seqs[i])] = 1
+                    out = model(input_ids=x.to(dev), attention_mask=m.to(dev))
+                logits = out.logits.float() if dtype == torch.bfloat16 else out.logits
+                put(bidx, torch.softmax(logits, dim=-1)[..., 1].cpu().numpy().astype(np.float64))
         return probs
 
     def score_words(self, text: str) -> WordScores:

@@ -1,0 +1,349 @@
+"""ONNX Runtime backend for :class:`~ctxzip.prompt.TokenClassifierCompressor` (``fast="onnx"`` /
+``fast="onnx-int8"``).
+
+The classifier is exported once with ``torch.onnx.export``, its attention, GELU and layer norms
+are fused by ``onnxruntime.transformers.optimizer`` (BERT-family graphs), and for ``"onnx-int8"``
+every matrix product is quantized with ONNX Runtime's dynamic int8 quantizer (weights int8 per
+output channel, activations uint8 per tensor, computed per call). Per-tensor activation scales
+lose precision on the few hidden channels with very large values that BERT-style encoders are
+known for, so before quantizing, activation outliers are moved into the weights as in
+SmoothQuant (Xiao et al., ICML 2023, arXiv 2211.10438, eq. 4): for a product ``X W`` the input
+channels get ``s_j = max|X_j|^a / max|W_j|^(1-a)``, the graph computes ``(X / s) (diag(s) W)``.
+Post-LN BERT feeds each layer norm's output to both a matrix product and a residual sum, so the
+division cannot be folded into the layer norm; it is an explicit, cheap elementwise ``Mul``.
+``max|X_j|`` comes from a calibration pass of the fp32 graph over fixed text (standard-library
+docstrings, not the benchmark's data).
+
+Converted graphs are cached on disk (``ctxzip.models.cache_dir()/onnx``), keyed by a hash of
+the weights and the settings, so only the first use pays the ~10-30 s conversion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["OnnxClassifier", "onnxruntime_available"]
+
+FORMAT_VERSION = 2
+SMOOTH_ALL = ("qkv", "ffn_in", "attn_out", "ffn_out", "head")
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _require() -> Any:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError as e:
+        raise ImportError(
+            "fast='onnx'/'onnx-int8' needs ONNX Runtime: pip install 'ctxzip[fast]' "
+            f"(onnxruntime, onnx) - {e}"
+        ) from e
+    return onnxruntime
+
+
+def _weights_hash(model: Any, extra: str) -> str:
+    h = hashlib.sha256(extra.encode())
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        t = v.detach().cpu().contiguous()
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def calibration_text() -> str:
+    """Fixed English calibration text: docstrings of a few standard-library modules/classes."""
+    import argparse
+    import collections
+    import inspect
+    import json
+    import logging
+    import subprocess
+    import unittest
+
+    mods = [argparse, json, logging, subprocess, collections, unittest]
+    parts = [inspect.getdoc(m) or "" for m in mods]
+    for m in (subprocess, logging, argparse):
+        for n in sorted(dir(m)):
+            obj = getattr(m, n)
+            if not n.startswith("_") and inspect.isclass(obj):
+                parts.append(inspect.getdoc(obj) or "")
+    return "\n\n".join(p for p in parts if p)
+
+
+class OnnxClassifier:
+    """Token classifier as an ONNX Runtime session returning the keep probability per token.
+
+    Args:
+        model: a ``transformers`` token-classification model (2 labels; label 1 = keep).
+        tokenizer: its fast tokenizer (used for calibration only).
+        quantize: int8 dynamic quantization with SmoothQuant-style outlier smoothing.
+        threads: ONNX Runtime intra-op threads (default: ``torch.get_num_threads()``).
+        alpha: SmoothQuant migration strength ``a``.
+        cache: folder for converted graphs (default ``cache_dir()/onnx``); ``False`` = no cache.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, quantize: bool = True, threads: int | None = None,
+                 alpha: float = 0.8, smooth: tuple[str, ...] = SMOOTH_ALL, fast_gelu: bool = False,
+                 cache: str | os.PathLike | bool | None = None) -> None:
+        ort = _require()
+        import torch
+
+        self.threads = int(threads or torch.get_num_threads())
+        self.quantize = quantize
+        self.alpha = float(alpha)
+        self.smooth = tuple(smooth)
+        self.fast_gelu = bool(fast_gelu)
+        key = _weights_hash(
+            model, f"v{FORMAT_VERSION}-q{int(quantize)}-a{alpha}-s{','.join(self.smooth)}-g{int(fast_gelu)}-{ort.__version__}"
+        )
+        if cache is False:
+            import tempfile
+
+            folder = Path(tempfile.mkdtemp(prefix="ctxzip-onnx-"))
+        elif cache is None or cache is True:
+            from ctxzip.models import cache_dir
+
+            folder = Path(cache_dir()) / "onnx"
+        else:
+            folder = Path(cache)
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / f"lingua2-{key}.onnx"
+        if not final.exists():
+            self._convert(model, tokenizer, final)
+        self.path = final
+        self.session = self._session(self.threads)
+        self._single: Any = None  # one-thread session for chunk-parallel runs
+
+    def _session(self, threads: int) -> Any:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        return ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+
+    # ------------------------------------------------------------------ conversion
+    def _convert(self, model: Any, tokenizer: Any, final: Path) -> None:
+        import shutil
+        import tempfile
+
+        # work next to the final file (same file system for the atomic rename); always clean up
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=final.parent))
+        try:
+            self._convert_in(model, tokenizer, final, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _convert_in(self, model: Any, tokenizer: Any, final: Path, tmp: Path) -> None:
+        import copy
+        import warnings
+
+        import torch
+
+        m = copy.deepcopy(model).float().cpu().eval()
+        if hasattr(m, "set_attn_implementation"):
+            # the plain attention graph is what ORT's optimizer fuses into one Attention op
+            with contextlib.suppress(Exception):
+                m.set_attn_implementation("eager")
+
+        class _Keep(torch.nn.Module):
+            def __init__(self, inner: Any) -> None:
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+                logits = self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+                return torch.softmax(logits.float(), dim=-1)[..., 1]
+
+        x = torch.randint(5, 100, (2, 16))
+        raw = tmp / "raw.onnx"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                _Keep(m), (x, torch.ones_like(x)), str(raw),
+                input_names=["input_ids", "attention_mask"], output_names=["keep_prob"],
+                dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                              "keep_prob": {0: "batch", 1: "seq"}},
+                opset_version=17, dynamo=False,
+            )
+        src = raw
+        cfg = model.config
+        try:
+            from onnxruntime.transformers import optimizer
+            from onnxruntime.transformers.fusion_options import FusionOptions
+
+            fo = FusionOptions("bert")
+            fo.enable_gelu_approximation = self.fast_gelu
+            opt = optimizer.optimize_model(
+                str(raw), model_type="bert", num_heads=int(cfg.num_attention_heads),
+                hidden_size=int(cfg.hidden_size), opt_level=1, optimization_options=fo,
+            )
+            src = tmp / "opt.onnx"
+            opt.save_model_to_file(str(src))
+        except Exception as e:  # pragma: no cover - unfusable architecture: run the plain graph
+            warnings.warn(f"ONNX Runtime fusion failed ({e}); using the unfused graph", stacklevel=3)
+        if self.quantize:
+            smooth = tmp / "smooth.onnx"
+            self._smooth(src, smooth, tokenizer)
+            import onnx
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_dynamic(
+                    str(smooth), str(tmp / "q.onnx"), per_channel=True, weight_type=QuantType.QInt8,
+                    extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+                )
+            src = tmp / "q.onnx"
+        os.replace(src, final)
+
+    def _smooth(self, src: Path, dst: Path, tokenizer: Any) -> None:
+        """Insert ``X / s`` before every weight product and scale the weights' rows by ``s``."""
+        import onnx
+        import onnxruntime as ort
+        from onnx import helper, numpy_helper
+
+        g = onnx.load(str(src))
+        inits = {t.name: t for t in g.graph.initializer}
+        targets = []  # (node, weight initializer name)
+        for n in g.graph.node:
+            if n.op_type in ("MatMul", "Attention") and len(n.input) > 1 and n.input[1] in inits:
+                w = numpy_helper.to_array(inits[n.input[1]])
+                if w.ndim == 2:
+                    targets.append((n, n.input[1]))
+        if not targets:
+            onnx.save(g, str(dst))
+            return
+        # calibration: abs max per input channel of every target's activation input
+        names = sorted({n.input[0] for n, _ in targets})
+        probe = onnx.load(str(src))
+        known = {o.name for o in probe.graph.output}
+        for nm in names:
+            if nm not in known:
+                probe.graph.output.append(helper.make_tensor_value_info(nm, onnx.TensorProto.FLOAT, None))
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        ids = tokenizer(calibration_text(), add_special_tokens=False)["input_ids"]
+        cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        amax: dict[str, np.ndarray] = {}
+        step = 254
+        for i in range(0, len(ids), step):
+            seq = [t for t in [cls_id] if t is not None] + ids[i : i + step] + [t for t in [sep_id] if t is not None]
+            x = np.asarray([seq], dtype=np.int64)
+            outs = sess.run(names, {"input_ids": x, "attention_mask": np.ones_like(x)})
+            for nm, a in zip(names, outs):
+                v = np.abs(a).reshape(-1, a.shape[-1]).max(0)
+                amax[nm] = np.maximum(amax[nm], v) if nm in amax else v
+        # rewrite
+        producer = {o: n for n in g.graph.node for o in n.output}
+
+        def source(name: str) -> Any:
+            """The node computing ``name``, looking through reshapes/transposes."""
+            n = producer.get(name)
+            while n is not None and n.op_type in ("Reshape", "Transpose", "Identity") and n.input:
+                n = producer.get(n.input[0])
+            return n
+
+        last = max(k for k, (n, _) in enumerate(targets))
+        new_nodes = []
+        for k, (n, wname) in enumerate(targets):
+            src_node = source(n.input[0])
+            kind = "qkv" if n.op_type == "Attention" else (
+                "head" if k == last else
+                "attn_out" if src_node is not None and src_node.op_type == "Attention" else
+                "ffn_out" if src_node is not None and "Gelu" in src_node.op_type else "ffn_in")
+            if kind not in self.smooth:
+                continue
+            w = numpy_helper.to_array(inits[wname]).astype(np.float32)
+            act = amax[n.input[0]].astype(np.float32)
+            wmax = np.abs(w).max(1)
+            s = (np.maximum(act, 1e-5) ** self.alpha / np.maximum(wmax, 1e-5) ** (1 - self.alpha)).astype(np.float32)
+            s = np.clip(s, 1e-5, None)
+            inits[wname].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), wname))
+            if kind == "attn_out" and len(src_node.input) > 2 and src_node.input[1] in inits and src_node.input[2] in inits:
+                # fold 1/s into the value projection (context = softmax(QK) V is linear in V)
+                qw = numpy_helper.to_array(inits[src_node.input[1]]).astype(np.float32).copy()
+                qb = numpy_helper.to_array(inits[src_node.input[2]]).astype(np.float32).copy()
+                h = qw.shape[1] // 3
+                if h == len(s) and qb.shape[0] == 3 * h:
+                    qw[:, 2 * h :] /= s[None, :]
+                    qb[2 * h :] /= s
+                    inits[src_node.input[1]].CopyFrom(numpy_helper.from_array(qw, src_node.input[1]))
+                    inits[src_node.input[2]].CopyFrom(numpy_helper.from_array(qb, src_node.input[2]))
+                    continue
+            inv_name = f"ctxzip_smooth_inv_{k}"
+            g.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inv_name))
+            out_name = f"ctxzip_smooth_x_{k}"
+            new_nodes.append((n, helper.make_node("Mul", [n.input[0], inv_name], [out_name], name=f"ctxzip_smooth_{k}")))
+            n.input[0] = out_name
+        # insert each Mul right before its consumer (keeps the graph topologically sorted)
+        before = {k: mul for k, (n, mul) in enumerate(new_nodes)}
+        consumer = {n.name: k for k, (n, _) in enumerate(new_nodes)}
+        order = []
+        for n in g.graph.node:
+            c = onnx.NodeProto()
+            c.CopyFrom(n)
+            order.append(c)
+        g.graph.ClearField("node")
+        for n in order:
+            if n.name in consumer:
+                g.graph.node.append(before[consumer[n.name]])
+            g.graph.node.append(n)
+        onnx.save(g, str(dst))
+
+    # ------------------------------------------------------------------ inference
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        """Keep probability ``(batch, seq)`` for ``input_ids`` ``(batch, seq)``."""
+        x = np.ascontiguousarray(input_ids, dtype=np.int64)
+        m = np.ones_like(x) if attention_mask is None else np.ascontiguousarray(attention_mask, dtype=np.int64)
+        return self.session.run(None, {"input_ids": x, "attention_mask": m})[0]
+
+    def map(self, seqs: list[list[int]], progress: Any = None) -> list[np.ndarray]:
+        """Keep probabilities of several unpadded sequences, ``(len,)`` each.
+
+        With ``threads > 1`` and at least as many sequences as threads, the sequences are spread
+        over ``threads`` workers that each run one sequence on one core (ONNX Runtime releases
+        the GIL): on a small encoder this scales better than splitting every operator across
+        cores. Longest sequences go first, so the workers finish together."""
+        if self.threads <= 1 or len(seqs) < self.threads:
+            out = []
+            for s in seqs:
+                out.append(self(np.asarray([s], dtype=np.int64))[0])
+                if progress is not None:
+                    progress.update(1)
+            return out
+        if self._single is None:
+            self._single = self._session(1)
+        sess = self._single
+
+        def one(s: list[int]) -> np.ndarray:
+            x = np.asarray([s], dtype=np.int64)
+            r = sess.run(None, {"input_ids": x, "attention_mask": np.ones_like(x)})[0][0]
+            if progress is not None:
+                progress.update(1)
+            return r
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=self.threads) as ex:
+            return list(ex.map(one, seqs))

@@ -1,0 +1,150 @@
+"""Fast inference paths of TokenClassifierCompressor (``fast="onnx"``/``"onnx-int8"``/bf16/int8)
+with a tiny random classifier on the real MiniLM tokenizer: agreement with exact mode, the
+chunk-parallel runner, caching, bad input and the error when ONNX Runtime is missing."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from ctxzip.budget import Budget
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+TEXT = (
+    "The assert statement is a convenient way to insert debugging assertions into a program. "
+    "If the expression is false, AssertionError is raised with 3 optional arguments.\n\n"
+    "Identifiers (also referred to as names) are described by the following lexical "
+    "definitions. Unbelievably, tokenization splits words like 'internationalization' into pieces.\n"
+) * 6
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from transformers import AutoTokenizer, BertConfig, BertForTokenClassification
+
+    from ctxzip.models import encoder_path
+
+    tok = AutoTokenizer.from_pretrained(encoder_path())
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=512, num_labels=2)
+    model = BertForTokenClassification(cfg).eval()
+    with torch.no_grad():  # spread the keep probabilities so thresholds are meaningful
+        model.classifier.weight.mul_(30.0)
+    d = tmp_path_factory.mktemp("clf") / "tiny-token-classifier"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("CTXZIP_CACHE", str(tmp_path_factory.getbasetemp() / "ctxzip-cache"))
+
+
+def make(tiny_dir, **kw):
+    from transformers import AutoTokenizer
+
+    from ctxzip.prompt import TokenClassifierCompressor
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    kw.setdefault("tokenizer", tok)
+    kw.setdefault("mode", "chunk")
+    kw.setdefault("max_seq_len", 64)  # several chunks from TEXT
+    return TokenClassifierCompressor(model=str(tiny_dir), return_word_labels=True, **kw)
+
+
+def labels(c, rate=0.4):
+    return np.asarray(c.compress(TEXT, budget=Budget(rate=rate)).details["word_labels"])
+
+
+def test_onnx_fp32_matches_exact(tiny_dir):
+    pytest.importorskip("onnxruntime")
+    exact, fast = make(tiny_dir), make(tiny_dir, fast="onnx")
+    ids = np.asarray(exact.classifier()[1](TEXT, add_special_tokens=False)["input_ids"])
+    ch = exact.chunk(ids)
+    assert len(ch) > 2
+    p0, p1 = exact._token_probs(ids, ch), fast._token_probs(ids, ch)
+    assert np.abs(p0 - p1).max() < 1e-4
+    assert (labels(exact) == labels(fast)).all()
+
+
+def test_onnx_int8_close_to_exact(tiny_dir):
+    pytest.importorskip("onnxruntime")
+    exact, fast = make(tiny_dir), make(tiny_dir, fast="onnx-int8")
+    a, b = labels(exact), labels(fast)
+    assert a.shape == b.shape
+    assert (a == b).mean() >= 0.9
+    r = fast.compress(TEXT, budget=Budget(rate=0.4))
+    assert 0 < r.compressed_tokens < r.original_tokens
+    # the int8 graph really is quantized, and is cached on disk for the next compressor
+    path = fast._ort.path
+    assert path.exists() and path.stat().st_size > 0
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "QAttention"}
+    again = make(tiny_dir, fast="onnx-int8")
+    again.classifier()
+    assert again._ort.path == path
+
+
+def test_chunk_parallel_runner_matches_sequential(tiny_dir):
+    pytest.importorskip("onnxruntime")
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from ctxzip.prompt.onnx_backend import OnnxClassifier
+
+    model = AutoModelForTokenClassification.from_pretrained(tiny_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    one = OnnxClassifier(model, tok, quantize=False, threads=1)
+    two = OnnxClassifier(model, tok, quantize=False, threads=2)
+    rng = np.random.default_rng(0)
+    seqs = [[101, *rng.integers(1000, 20000, n).tolist(), 102] for n in (40, 7, 25, 60, 3)]
+    for a, b, s in zip(one.map(seqs), two.map(seqs), seqs):
+        assert a.shape == (len(s),)
+        assert np.allclose(a, b, atol=1e-5)
+        assert ((a >= 0) & (a <= 1)).all()
+
+
+def test_torch_fast_modes_run(tiny_dir):
+    exact = labels(make(tiny_dir))
+    for kind in ("int8", "bf16"):
+        lab = labels(make(tiny_dir, fast=kind))
+        assert lab.shape == exact.shape
+        assert (lab == exact).mean() >= 0.8
+
+
+def test_bad_fast_values(tiny_dir):
+    for bad in ("fp8", "ONNX", 2, None):
+        with pytest.raises(ValueError, match="fast"):
+            make(tiny_dir, fast=bad)
+
+
+def test_missing_onnxruntime_is_a_clear_error(tiny_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    from ctxzip.prompt.onnx_backend import onnxruntime_available
+
+    assert not onnxruntime_available()
+    for kind in ("onnx", "onnx-int8"):
+        with pytest.raises(ImportError, match=r"ctxzip\[fast\]"):
+            make(tiny_dir, fast=kind)
+    # fast=True falls back to torch inference without ONNX Runtime
+    c = make(tiny_dir, fast=True)
+    assert len(labels(c)) > 0 and c._ort is None
+
+
+def test_fast_compressor_pickles_without_session(tiny_dir):
+    pytest.importorskip("onnxruntime")
+    import pickle
+
+    c = make(tiny_dir, fast="onnx-int8", tokenizer=None)
+    c.classifier()
+    d = c.__getstate__()
+    assert d["_ort"] is None and d["_clf"] is None
+    c2 = pickle.loads(pickle.dumps(c))
+    assert c2.fast == "onnx-int8" and c2._ort is None
