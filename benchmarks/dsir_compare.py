@@ -12,7 +12,6 @@ how much of each selection comes from the test suite (the target's own domain: a
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -29,10 +28,7 @@ import _datasel_data as data  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1,500 docs, 20 targets")
-    ap.add_argument("--workers", type=int, default=2)
-    a = ap.parse_args()
+    a = data.parse_args(__doc__, "1,500 docs, 20 targets")
     from data_selection import HashedNgramDSIR
 
     from ctxzip.budget import topk_indices
