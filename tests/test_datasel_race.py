@@ -82,3 +82,45 @@ def test_bad_select_input(corpus):
         race.select(corpus[0], 1, workers=-2)
     with pytest.raises(ValueError, match="at least one target"):
         ZipFitRace([])
+
+
+def test_select_pipeline_fast_mode_matches_in_memory(corpus, tmp_path):
+    import json
+
+    from ctxzip.datasel import select
+
+    docs, targets = corpus
+    src = tmp_path / "src.jsonl"
+    with open(src, "w") as f:
+        for i, d in enumerate(docs):
+            f.write(json.dumps({"id": f"d{i}", "text": d}) + "\n")
+        f.write("{broken\n")
+    race = ZipFitRace(targets, prefilter_targets=3, pool=2.0, schedule=(0.5, 1.0))
+    want = set(race.select(docs, 8).selected.tolist())
+    summ = select(str(src), race, tmp_path / "out", keep=8, workers=1, shard_size=25,
+                  progress=False)
+    assert (summ.selected, summ.rejected, summ.malformed) == (8, len(docs) - 8, 1)
+    got = set()
+    for p in (tmp_path / "out" / "selected").glob("*.jsonl"):
+        got |= {int(json.loads(line)["id"][1:]) for line in p.read_text().splitlines()}
+    assert got == want
+    with pytest.raises(ValueError, match="keep"):
+        select(str(src), race, tmp_path / "o2", threshold=0.5, progress=False)
+
+
+def test_cli_fast(corpus, tmp_path, capsys):
+    import json
+
+    from ctxzip.cli import main
+
+    docs, targets = corpus
+    for name, rows in (("t.jsonl", targets), ("d.jsonl", docs)):
+        with open(tmp_path / name, "w") as f:
+            for r in rows:
+                f.write(json.dumps({"text": r}) + "\n")
+    rc = main(["select", "zipfit", "--target", str(tmp_path / "t.jsonl"), "--input",
+               str(tmp_path / "d.jsonl"), "--keep", "10%", "--out", str(tmp_path / "o"),
+               "--fast", "--workers", "1", "-q"])
+    assert rc in (0, None)
+    out = json.loads(capsys.readouterr().out)
+    assert out["selected"] == 8 and out["cascade"]["race"] is True

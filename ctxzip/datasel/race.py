@@ -153,6 +153,7 @@ class ZipFitRace:
     schedule: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)
     z: float = 1.5
     seed: int = 0
+    name: str = field(default="zipfit_fast", init=False)
 
     def __post_init__(self) -> None:
         self._exact = ZipFit(self.targets, codec=self.codec, level=self.level)
@@ -174,6 +175,24 @@ class ZipFitRace:
     @property
     def n_targets(self) -> int:
         return self._exact.n_targets
+
+    def target_order(self) -> np.ndarray:
+        """The fixed random order in which the race visits the targets."""
+        return np.random.default_rng(self.seed).permutation(self.n_targets)
+
+    def prefilter_scorer(self) -> ZipFit | None:
+        """Step 1 as a plain scorer (the prefilter codec on the first ``prefilter_targets``
+        targets of the race order), so :func:`~ctxzip.datasel.select` can stream it over
+        shards; ``None`` without a prefilter."""
+        if self.prefilter is None:
+            return None
+        order = self.target_order()[: min(self.n_targets, self.prefilter_targets)]
+        return ZipFit([self._exact.targets[i] for i in order], codec=self.prefilter)
+
+    def fingerprint(self) -> str:
+        return repr((self._exact.targets, str(self._exact.codec), str(self.prefilter),
+                     self.prefilter_targets, self.pool, tuple(self.schedule), self.z,
+                     self.seed))
 
     # ------------------------------------------------------------------------ engine
     def select(self, texts: Sequence[str], k: int, *, workers: int | None = 1,
