@@ -10,6 +10,7 @@ The held-out target files are picked by a hash of their path, so no target text 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -86,3 +87,12 @@ def machine() -> dict:
         "load_avg_at_start": list(os.getloadavg()),
         "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
     }
+
+
+def parse_args(doc: str, quick_help: str, workers: int = 2,
+               argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line every data-selection benchmark shares: ``--quick`` and ``--workers``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--workers", type=int, default=workers)
+    return ap.parse_args(argv)

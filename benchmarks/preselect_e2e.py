@@ -78,7 +78,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-gemma", action="store_true", help="leave Gemma-3-270M out")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (quality run: 1)")
     a = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(a.threads)
     from ctxzip.datasel import FastTextScorer, LadderModel, PreSelect, select, train_fasttext
     from ctxzip.datasel.bpc import LossScorer
     from ctxzip.datasel.preselect import balanced_labels, predictive_strength

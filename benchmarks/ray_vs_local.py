@@ -9,7 +9,6 @@ rejected files byte for byte, and reports wall times (Ray's include its startup)
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -24,10 +23,7 @@ import _datasel_data as data  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="400 docs")
-    ap.add_argument("--workers", type=int, default=2)
-    a = ap.parse_args()
+    a = data.parse_args(__doc__, "400 docs")
     import ray
 
     from ctxzip.datasel import RayEngine, ZipFit, select

@@ -5,19 +5,20 @@ into ~2,000-char chunks (~15k), target = 100 chunks of held-out stdlib test file
 
 Runs, each in its own subprocess (peak memory = summed PSS of the process tree, sampled):
 - ``reference``: stair-lab/ZIP-FIT ``zip_fit/zipfit.py`` run from its source tree (``--ref``),
-  ``ZIPFIT(..., compression_algorithm="gzip", compress_level=6).rank_sequences_by_alignment``
-  (its own Pool(cpu_count()) parallelism);
+  ``ZIPFIT(..., compression_algorithm="gzip", compress_level=6).rank_sequences_by_alignment``,
+  with its Pool of ``--workers`` processes and of 1 process (its ``cpu_count`` patched);
 - ``exact``: ctxzip ``select()`` over the JSONL file with ``ZipFit(codec="gzip", level=6)``,
-  1 process and ``--workers`` processes;
-- ``fast``: the same with faster codecs; the fastest one with >= 90% top-1,000 overlap with
-  exact mode is reported as fast mode;
+  ``--workers`` processes and 1 process;
+- ``fast``: ctxzip ``ZipFitRace`` (gzip-6 pairs raced over the targets after an ISA-L-0
+  prefilter; why this and not a lighter codec: benchmarks/zipfit_codecs.py), both worker counts;
 - memory growth: exact mode (10 targets) on the corpus and on the corpus x4.
 Plus, in this process: CPU per (doc, target) pair of ctxzip's exact loop vs a bare
 ``gzip.compress(x + t, 6)`` loop on the same pairs.
 
     python benchmarks/zipfit_speed.py [--quick] [--ref /work/ref/ZIP-FIT] [--workers 2]
 
-Writes benchmarks/results/zipfit_speed[_quick].json and .png.
+Writes benchmarks/results/zipfit_speed[_quick].json and .png (~6-7 min on an idle 2-core
+machine; --quick ~1 min).
 """
 
 from __future__ import annotations
@@ -46,15 +47,6 @@ sys.path.insert(0, str(ROOT))
 
 import _datasel_data as data  # noqa: E402
 
-# single faster codecs (every pair compressed with it)
-FAST_CANDIDATES = ["isal-0", "gzip-1", "lz4-0", "isal-1"]
-# cascades: (label, prefilter codec, prefilter targets, margin): the prefilter scores every
-# document (optionally against a subset of the targets), exact gzip-6 rescores the best
-# margin x 1,000, and the 1,000 are taken by exact score among them.
-CASCADES = [("isal-0/50t>gzip-6 m3", "isal-0", 50, 3.0),
-            ("isal-0/25t>gzip-6 m3", "isal-0", 25, 3.0),
-            ("isal-0>gzip-6 m3", "isal-0", 100, 3.0)]
-
 
 # ------------------------------------------------------------------------------ children
 def _cpu() -> float:
@@ -69,14 +61,10 @@ def child_ours(a: argparse.Namespace) -> dict:
 
     targets = [r.text for r in iter_records(a.target)][: a.n_targets]
     scorer = ZipFit(targets, codec=a.codec)
-    kw = {}
-    if a.prefilter:
-        kw = {"prefilter": ZipFit(targets[: a.prefilter_targets], codec=a.prefilter),
-              "margin": a.margin}
     out = tempfile.mkdtemp(prefix="zf_out_")
     t0, c0 = time.perf_counter(), _cpu()
     summ = select(a.source, scorer, out, keep=a.keep, workers=a.workers,
-                  shard_size=a.shard_size, progress=False, write_rejected=False, **kw)
+                  shard_size=a.shard_size, progress=False, write_rejected=False)
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
     ids = [r.id for r in iter_records(a.source)]
     index = {d: i for i, d in enumerate(ids)}
@@ -86,20 +74,40 @@ def child_ours(a: argparse.Namespace) -> dict:
             for line in fh:
                 sel[index[json.loads(line)["id"]]] = True
     scores = []
-    if not a.prefilter:
-        for f in sorted(Path(out, "scores").glob("*.jsonl")):
-            with open(f) as fh:
-                scores.extend(json.loads(line)["score"] for line in fh)
+    for f in sorted(Path(out, "scores").glob("*.jsonl")):
+        with open(f) as fh:
+            scores.extend(json.loads(line)["score"] for line in fh)
     np.save(a.save, np.asarray(scores))
     np.save(a.save.replace(".npy", "_sel.npy"), sel)
     shutil.rmtree(out)
     return {"wall_s": wall, "cpu_s": cpu, "docs": summ.records, "targets": len(targets),
-            "seconds": summ.seconds, "cascade": summ.cascade}
+            "seconds": summ.seconds}
+
+
+def child_race(a: argparse.Namespace) -> dict:
+    from ctxzip.datasel import ZipFitRace
+    from ctxzip.datasel.io import iter_records
+
+    t0, c0 = time.perf_counter(), _cpu()
+    targets = [r.text for r in iter_records(a.target)][: a.n_targets]
+    recs = list(iter_records(a.source))
+    res = ZipFitRace(targets, codec=a.codec, z=a.z).select([r.text for r in recs], a.keep,
+                                                            workers=a.workers)
+    wall, cpu = time.perf_counter() - t0, _cpu() - c0
+    sel = np.zeros(len(recs), dtype=bool)
+    sel[res.selected] = True
+    np.save(a.save, res.scores)
+    np.save(a.save.replace(".npy", "_sel.npy"), sel)
+    return {"wall_s": wall, "cpu_s": cpu, "docs": len(recs), "targets": len(targets),
+            "exact_pairs_fraction": res.pairs_fraction, "rounds": res.rounds}
 
 
 def child_ref(a: argparse.Namespace) -> dict:
     sys.path.insert(0, a.ref)
-    from zip_fit.zipfit import ZIPFIT  # the reference, from its source tree
+    import zip_fit.zipfit as refmod  # the reference, from its source tree
+
+    refmod.cpu_count = lambda: a.workers  # its Pool(cpu_count()) -> Pool(--workers)
+    ZIPFIT = refmod.ZIPFIT
 
     z = ZIPFIT(a.source, a.target, k=10**9, output_file=os.devnull,
                compression_algorithm="gzip", compress_level=6)
@@ -141,7 +149,7 @@ def run_child(args: list[str], label: str) -> dict:
     def sample() -> None:
         while not stop.is_set():
             peak[0] = max(peak[0], _tree_pss(ps))
-            stop.wait(0.1)
+            stop.wait(0.25)  # smaps reads cost CPU: keep the sampler off the measured cores
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
@@ -183,39 +191,34 @@ def bare_vs_ours(targets: list[str], docs: list[str], repeats: int = 3) -> dict:
             "all_bare": bare, "all_ours": ours}
 
 
-def top_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
-    from ctxzip.budget import topk_indices
-
-    k = min(k, a.shape[0])
-    return len(set(topk_indices(a, k).tolist()) & set(topk_indices(b, k).tolist())) / k
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1,500 docs, 20 targets")
+    ap.add_argument("--quick", action="store_true", help="1,500 docs, k=150")
     ap.add_argument("--ref", default="/work/ref/ZIP-FIT",
                     help="path of the reference ZIP-FIT source tree (skipped if absent)")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--child", choices=["ours", "ref"])
+    ap.add_argument("--child", choices=["ours", "ref", "race"])
     ap.add_argument("--source")
     ap.add_argument("--target")
     ap.add_argument("--codec", default="gzip-6")
     ap.add_argument("--n-targets", type=int, default=100)
-    ap.add_argument("--shard-size", type=int, default=500)
+    ap.add_argument("--shard-size", type=int, default=250,
+                    help="records per shard (small shards: short straggler tail)")
     ap.add_argument("--save")
     ap.add_argument("--keep", type=int, default=1000)
-    ap.add_argument("--prefilter", default=None)
-    ap.add_argument("--prefilter-targets", type=int, default=100)
-    ap.add_argument("--margin", type=float, default=3.0)
+    ap.add_argument("--z", type=float, default=None, help="fast mode z (default: ZipFitRace's)")
     a = ap.parse_args()
     if a.child:
-        res = child_ours(a) if a.child == "ours" else child_ref(a)
-        print(json.dumps(res))
+        if a.z is None:
+            from ctxzip.datasel import ZipFitRace
+
+            a.z = ZipFitRace.z
+        fn = {"ours": child_ours, "ref": child_ref, "race": child_race}[a.child]
+        print(json.dumps(fn(a)))
         return
 
-    n_targets = 20 if a.quick else 100
+    n_targets = 100
     source, targets = data.build(n_targets=100, max_source=1500 if a.quick else None)
-    targets = targets[:n_targets]
     work = Path(tempfile.mkdtemp(prefix="zipfit_bench_"))
     src, tgt = work / "source.jsonl", work / "target.jsonl"
     data.write_jsonl(src, source)
@@ -224,37 +227,50 @@ def main() -> None:
     data.write_jsonl(src4, [{"id": f"{r['id']}@{k}", "text": r["text"]}
                             for k in range(4) for r in source])
     W = a.workers
-    print(f"data: {len(source)} source chunks, {len(targets)} targets; workers={W}", flush=True)
+    k = 150 if a.quick else 1000
+    print(f"data: {len(source)} source chunks, {len(targets)} targets; workers={W}; k={k}",
+          flush=True)
     common = ["--source", str(src), "--target", str(tgt), "--n-targets", str(n_targets)]
-    results: dict = {"machine": data.machine(), "quick": a.quick, "workers": W,
+    results: dict = {"machine": data.machine(), "quick": a.quick, "workers": W, "k": k,
+                     "command": " ".join(["python", "benchmarks/zipfit_speed.py", *sys.argv[1:]]),
                      "data": {"source_docs": len(source), "targets": len(targets),
                               "chunk_chars": data.CHUNK_CHARS,
                               "source_chars": sum(len(r["text"]) for r in source)}}
 
     print("CPU per pair, bare gzip.compress vs ctxzip exact (same pairs, in-process):")
-    sub = [r["text"] for r in source[:: max(1, len(source) // 150)]][:150]
+    sub = [r["text"] for r in source[:: max(1, len(source) // 100)]][:100]
     results["cpu_per_pair"] = bare_vs_ours([t["text"] for t in targets], sub)
-    print("  ", {k: round(v, 3) for k, v in results["cpu_per_pair"].items()
-                 if not k.startswith("all")}, flush=True)
+    print("  ", {kk: round(v, 3) for kk, v in results["cpu_per_pair"].items()
+                 if not kk.startswith("all")}, flush=True)
 
     runs: dict[str, dict] = {}
     scores: dict[str, np.ndarray] = {}
     selected: dict[str, np.ndarray] = {}
-    k = 150 if a.quick else 1000
 
-    def ours(label: str, codec: str, workers: int, source_path: Path = src,
-             n_t: int = n_targets, cascade: tuple | None = None) -> None:
-        save = work / f"{label.replace('/', '_').replace(' ', '_').replace('>', '_')}.npy"
+    def ours(label: str, workers: int, source_path: Path = src, n_t: int = n_targets) -> None:
+        save = work / f"{label}.npy"
         args = ["ours", "--source", str(source_path), "--target", str(tgt),
-                "--n-targets", str(n_t), "--codec", codec, "--workers", str(workers),
-                "--save", str(save), "--keep", str(k)]
-        if cascade:
-            args += ["--prefilter", cascade[0], "--prefilter-targets",
-                     str(min(n_t, cascade[1])), "--margin", str(cascade[2])]
+                "--n-targets", str(n_t), "--codec", "gzip-6", "--workers", str(workers),
+                "--save", str(save), "--keep", str(k), "--shard-size", str(a.shard_size)]
         runs[label] = run_child(args, label)
-        runs[label].update(codec=codec, workers=workers)
+        runs[label].update(codec="gzip-6", workers=workers)
         scores[label] = np.load(save)
         selected[label] = np.load(str(save).replace(".npy", "_sel.npy"))
+
+    def fast(label: str, workers: int) -> None:
+        save = work / f"{label}.npy"
+        runs[label] = run_child(["race", *common, "--workers", str(workers), "--save", str(save),
+                                 "--keep", str(k)], label)
+        runs[label].update(codec="gzip-6 raced (isal-0 prefilter)", workers=workers)
+        scores[label] = np.load(save)
+        selected[label] = np.load(str(save).replace(".npy", "_sel.npy"))
+
+    def reference(label: str, workers: int) -> None:
+        save = work / f"{label}.npy"
+        runs[label] = run_child(["ref", *common, "--ref", a.ref, "--save", str(save),
+                                 "--workers", str(workers)], label)
+        runs[label].update(codec="gzip-6", workers=workers)
+        scores[label] = np.load(save)
 
     print("runs:", flush=True)
     ref_ok = (Path(a.ref) / "zip_fit" / "zipfit.py").is_file()
@@ -266,35 +282,22 @@ def main() -> None:
               "(fetch stair-lab/ZIP-FIT and pass --ref PATH)", flush=True)
         results["reference_skipped"] = f"not found at {a.ref}"
 
-    def reference() -> None:
-        save = work / "reference.npy"
-        runs["reference"] = run_child(["ref", *common, "--ref", a.ref, "--save", str(save)],
-                                      "reference gzip-6")
-        runs["reference"].update(codec="gzip-6", workers=os.cpu_count())
-        scores["reference"] = np.load(save)
-
     # most important first; results are rewritten after every run (partial until the end)
-    plan = [lambda: ours(f"exact_{W}proc", "gzip-6", W)]
+    plan = [lambda: ours(f"exact_{W}proc", W)]
     if ref_ok:
-        plan.append(reference)
-    cascades = CASCADES[:2] if a.quick else CASCADES
-    fasts = FAST_CANDIDATES[:2] if a.quick else FAST_CANDIDATES
-    plan.append(lambda: ours(f"cascade_{cascades[0][0]}", "gzip-6", W,
-                             cascade=cascades[0][1:]))
-    plan.append(lambda: ours(f"fast_{fasts[0]}", fasts[0], W))
-    plan.append(lambda: ours("mem_x1_10targets", "gzip-6", W, src, 10))
-    plan.append(lambda: ours("mem_x4_10targets", "gzip-6", W, src4, 10))
-    plan.append(lambda: ours("exact_1proc", "gzip-6", 1))
-    for c in fasts[1:]:
-        plan.append(lambda c=c: ours(f"fast_{c}", c, W))
-    for lab, pc, pt, m in cascades[1:]:
-        plan.append(lambda lab=lab, pc=pc, pt=pt, m=m: ours(f"cascade_{lab}", "gzip-6", W,
-                                                          cascade=(pc, pt, m)))
+        plan.append(lambda: reference(f"reference_{W}proc", W))
+    plan += [lambda: fast(f"fast_{W}proc", W),
+             lambda: ours("exact_1proc", 1),
+             lambda: fast("fast_1proc", 1)]
+    if ref_ok:
+        plan.append(lambda: reference("reference_1proc", 1))
+    plan += [lambda: ours("mem_x1_10targets", W, src, 10),
+             lambda: ours("mem_x4_10targets", W, src4, 10)]
     for i, step in enumerate(plan):
         step()
         results["partial"] = i < len(plan) - 1
         results["runs"] = runs
-        results["summary"] = summarize(runs, scores, selected, results, W, k, ref_ok)
+        results["summary"] = summarize(runs, scores, selected, results, W, k)
         out.write_text(json.dumps(results, indent=1))
     print(json.dumps(results["summary"], indent=1), flush=True)
     _plot(results, HERE / "results" / f"{name}.png")
@@ -302,52 +305,67 @@ def main() -> None:
     print(f"wrote {out}")
 
 
-def summarize(runs: dict, scores: dict, selected: dict, results: dict, W: int, k: int,
-              ref_ok: bool) -> dict:
-    ex = f"exact_{W}proc"
-    exact = scores[ex]
+def summarize(runs: dict, scores: dict, selected: dict, results: dict, W: int, k: int) -> dict:
+    ex, rf, fa = f"exact_{W}proc", f"reference_{W}proc", f"fast_{W}proc"
+    summary: dict = {"exact_cpu_per_pair_over_bare_gzip":
+                     results["cpu_per_pair"]["ratio_ours_over_bare"]}
     exact_top = set(np.flatnonzero(selected[ex]).tolist())
-    summary: dict = {}
-    if "exact_1proc" in runs:
-        summary["exact_1proc_vs_Wproc_identical"] = bool(np.array_equal(exact,
-                                                                        scores["exact_1proc"]))
-        summary["exact_parallel_speedup"] = runs[ex]["docs_per_s"] / runs["exact_1proc"]["docs_per_s"]
-        summary["exact_Wproc_cpu_per_pair_over_1proc"] = (runs[ex]["cpu_us_per_pair"]
-                                                          / runs["exact_1proc"]["cpu_us_per_pair"])
-    if "reference" in runs:
-        ref = scores["reference"]
-        summary["exact_vs_reference"] = {
-            "bit_identical_fraction": float(np.mean(exact == ref)),
-            "max_abs_diff": float(np.max(np.abs(exact - ref))),
-            f"top{k}_overlap": top_overlap(exact, ref, k),
+    # side by side: one row per implementation/mode, ratios against the reference
+    table: dict = {}
+    for mode, lab2, lab1 in (("reference", rf, "reference_1proc"), ("exact", ex, "exact_1proc"),
+                             ("fast", fa, "fast_1proc")):
+        if lab2 not in runs:
+            continue
+        r = runs[lab2]
+        row = {"docs_per_s": r["docs_per_s"], "cpu_us_per_pair": r["cpu_us_per_pair"],
+               "peak_pss_mb": r["peak_pss_mb"], "load_avg_1m": r["load_avg_1m"]}
+        if lab1 in runs:
+            row["speedup_2proc_over_1proc"] = r["docs_per_s"] / runs[lab1]["docs_per_s"]
+            row["cpu_s_2proc_over_1proc"] = r["cpu_s"] / runs[lab1]["cpu_s"]
+        if mode == "reference":
+            from ctxzip.budget import topk_indices
+
+            got = set(topk_indices(scores[rf], k).tolist())
+        else:
+            got = set(np.flatnonzero(selected[lab2]).tolist())
+        row[f"top{k}_overlap_with_exact"] = len(got & exact_top) / k
+        if rf in runs:
+            rr = runs[rf]
+            row["docs_per_s_vs_reference"] = r["docs_per_s"] / rr["docs_per_s"]
+            row["cpu_per_pair_vs_reference"] = r["cpu_us_per_pair"] / rr["cpu_us_per_pair"]
+            row["peak_memory_vs_reference"] = r["peak_pss_mb"] / rr["peak_pss_mb"]
+        table[mode] = row
+    summary["side_by_side"] = table
+    if rf in runs:
+        ref = scores[rf]
+        summary["exact_vs_reference_scores"] = {
+            "bit_identical_fraction": float(np.mean(scores[ex] == ref)),
+            "max_abs_diff": float(np.max(np.abs(scores[ex] - ref))),
         }
-        rr = runs["reference"]
-        summary["exact_speed_vs_reference"] = runs[ex]["docs_per_s"] / rr["docs_per_s"]
-        summary["exact_cpu_per_pair_vs_reference"] = runs[ex]["cpu_us_per_pair"] / rr["cpu_us_per_pair"]
-        summary["exact_peak_memory_fraction_of_reference"] = runs[ex]["peak_pss_mb"] / rr["peak_pss_mb"]
-    summary["exact_cpu_per_pair_over_bare_gzip"] = results["cpu_per_pair"]["ratio_ours_over_bare"]
+    if "exact_1proc" in runs:
+        summary["exact_1proc_vs_Wproc_identical"] = bool(np.array_equal(scores[ex],
+                                                                        scores["exact_1proc"]))
+    if "fast_1proc" in runs:
+        summary["fast_1proc_vs_Wproc_identical"] = bool(np.array_equal(
+            selected[fa], selected["fast_1proc"]))
     if "mem_x4_10targets" in runs:
         summary["memory_x4_over_x1"] = (runs["mem_x4_10targets"]["peak_pss_mb"]
                                         / runs["mem_x1_10targets"]["peak_pss_mb"])
-    fast = {}
-    for lab in runs:
-        if not lab.startswith(("fast_", "cascade_")):
-            continue
-        c = lab.split("_", 1)[1]
-        got = set(np.flatnonzero(selected[lab]).tolist())
-        fast[c] = {"docs_per_s": runs[lab]["docs_per_s"],
-                   "cpu_us_per_pair": runs[lab]["cpu_us_per_pair"],
-                   f"top{k}_overlap_with_exact": len(got & exact_top) / k,
-                   "speed_vs_exact": runs[lab]["docs_per_s"] / runs[ex]["docs_per_s"],
-                   "cpu_per_pair_vs_exact": runs[lab]["cpu_us_per_pair"] / runs[ex]["cpu_us_per_pair"]}
-        if "reference" in runs:
-            rr = runs["reference"]
-            fast[c]["speed_vs_reference"] = runs[lab]["docs_per_s"] / rr["docs_per_s"]
-            fast[c]["cpu_per_pair_vs_reference"] = runs[lab]["cpu_us_per_pair"] / rr["cpu_us_per_pair"]
-    summary["fast_candidates"] = fast
-    ok = [c for c, v in fast.items() if v[f"top{k}_overlap_with_exact"] >= 0.9]
-    # the cheapest in CPU per pair (wall-clock docs/s depends on the shared machine's load)
-    summary["fast_mode"] = min(ok, key=lambda c: fast[c]["cpu_us_per_pair"]) if ok else None
+    goals = {}
+    if "exact" in table and "reference" in table:
+        e, f = table["exact"], table.get("fast", {})
+        goals = {
+            "exact_cpu_per_pair_within_10pct_of_bare_gzip":
+                summary["exact_cpu_per_pair_over_bare_gzip"] <= 1.10,
+            "exact_docs_per_s_ge_reference": e["docs_per_s_vs_reference"] >= 1.0,
+            "exact_memory_le_fifth_of_reference": e["peak_memory_vs_reference"] <= 0.2,
+            "exact_2proc_speedup_ge_1.8": e.get("speedup_2proc_over_1proc", 0) >= 1.8,
+            "fast_docs_per_s_ge_10x_reference": f.get("docs_per_s_vs_reference", 0) >= 10,
+            f"fast_top{k}_overlap_ge_0.9": f.get(f"top{k}_overlap_with_exact", 0) >= 0.9,
+        }
+        if "memory_x4_over_x1" in summary:
+            goals["exact_memory_flat_x4 (<= 1.2)"] = summary["memory_x4_over_x1"] <= 1.2
+    summary["goals_met"] = goals
     return summary
 
 

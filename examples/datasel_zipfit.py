@@ -1,4 +1,4 @@
-"""Select the stdlib code most aligned with a target task (ZIP-FIT), then rescore with a cascade.
+"""Select the stdlib code most aligned with a target task (ZIP-FIT): exact, cascade, fast mode.
 
 Source: ~2,000-char chunks of a few CPython standard-library modules; target: chunks of a
 stdlib test file. Writes JSONL shards to a temporary folder and keeps 10% of them.
@@ -13,7 +13,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from ctxzip.datasel import ZipFit, select
+from ctxzip.datasel import ZipFit, ZipFitRace, select
 
 
 def chunks(path: Path, size: int = 2000) -> list[str]:
@@ -52,6 +52,13 @@ def main() -> None:
     s2 = select(str(work / "data" / "*.jsonl"), ZipFit(targets), work / "out_cascade",
                 keep="10%", workers=2, shard_size=50, prefilter=fast, margin=3)
     print("cascade:", s2.cascade, "selected", s2.selected)
+
+    # fast mode proper: exact gzip-6 pairs, raced over the targets after an ISA-L-0 prefilter
+    s3 = select(str(work / "data" / "*.jsonl"), ZipFitRace(targets), work / "out_fast",
+                keep="10%", workers=2, shard_size=50)
+    c = s3.cascade or {}
+    print(f"fast mode: selected {s3.selected}, exact pairs "
+          f"{c.get('exact_pairs_fraction_of_exact_mode', 0):.0%} of exact mode's")
 
 
 if __name__ == "__main__":

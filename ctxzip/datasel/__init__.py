@@ -19,11 +19,14 @@ from ctxzip.datasel.preselect import (
     predictive_strength,
     train_fasttext,
 )
+from ctxzip.datasel.race import RaceResult, ZipFitRace
 from ctxzip.datasel.select import SelectionSummary, decide, load_scores, select
 from ctxzip.datasel.zipfit import ZipFit, ncd
 
 __all__ = [
     "ZipFit",
+    "ZipFitRace",
+    "RaceResult",
     "ncd",
     "Codec",
     "get_codec",

@@ -171,6 +171,55 @@ def _write_atomic_lines(path: str, lines: Any) -> None:
     os.replace(tmp, path)
 
 
+def _run_race(race: Any, eng: Any, specs: list[ShardSpec], out: str, keep: Any,
+              workers: int | None, text_field: str, id_field: str | None,
+              lengths: TextLength | None, run_kw: dict) -> tuple:
+    """ZIP-FIT fast mode inside :func:`select`: the race's prefilter streams over the shards
+    (parallel, resumable); the best ``pool`` x k documents are raced in memory."""
+    pf = race.prefilter_scorer()
+    if pf is not None:
+        results = eng.run(specs, pf, out, lengths=lengths, stage="prescores", **run_kw)
+        loaded = load_scores(out, specs, "prescores")
+    else:  # no prefilter: every document races; read lengths/malformed from a cheap pass
+        from ctxzip.datasel.zipfit import ZipFit
+
+        results = eng.run(specs, ZipFit(race._exact.targets[:1], codec="isal-0"), out,
+                          lengths=lengths, stage="prescores", **run_kw)
+        loaded = load_scores(out, specs, "prescores")
+    n_valid = loaded["scores"].shape[0]
+    k = Budget.parse(keep).resolve(n_valid)
+    pool_n = n_valid if pf is None else min(n_valid, int(np.ceil(race.pool * k)))
+    cand = decide(loaded["scores"], keep=pool_n) if pool_n < n_valid else \
+        np.ones(n_valid, dtype=bool)
+    idx = np.flatnonzero(cand)
+    texts: list[str] = []
+    g = 0
+    for spec in specs:
+        for rec in read_shard(spec, text_field, id_field):
+            if rec.text is None:
+                continue
+            if cand[g]:
+                texts.append(rec.text)
+            g += 1
+    from dataclasses import replace
+
+    res = replace(race, prefilter=None).select(texts, max(1, k), workers=workers,
+                                                progress=run_kw.get("progress", False))
+    scores = loaded["scores"].copy()
+    scores[idx] = res.scores
+    mask = np.zeros(n_valid, dtype=bool)
+    if k > 0:
+        mask[idx[res.selected]] = True
+    loaded = dict(loaded, scored=cand)
+    cascade = {"prefilter": getattr(pf, "name", None) and str(race.prefilter),
+               "race": True, "candidates": int(cand.sum()), "z": race.z,
+               "exact_pairs": res.exact_pairs,
+               "exact_pairs_fraction_of_exact_mode": res.exact_pairs / max(
+                   1, n_valid * race.n_targets),
+               "rounds": res.rounds}
+    return results, scores, mask, loaded, loaded, cascade
+
+
 def select(
     inputs: Any,
     scorer: Scorer,
@@ -227,6 +276,13 @@ def select(
                   f"tokens<={keep_tokens}" if keep_tokens is not None else f"score>={threshold}")
     if keep_tokens is not None and token_unit is None:
         token_unit = "default"
+    race = scorer if getattr(scorer, "name", None) == "zipfit_fast" else None
+    if race is not None:
+        if keep is None:
+            raise ValueError("ZIP-FIT fast mode (ZipFitRace) selects a top-k: give keep "
+                             "(a fraction or a document count)")
+        if prefilter is not None:
+            raise ValueError("ZipFitRace brings its own prefilter; do not pass prefilter=")
     if prefilter is not None:
         if threshold is not None:
             raise ValueError("a prefilter cascade needs keep or keep_tokens, not a threshold")
@@ -271,7 +327,12 @@ def select(
                   progress=progress, total=sum(sp.size for sp in specs))
     pre = None
     cascade = None
-    if prefilter is None:
+    if race is not None:
+        results, scores, mask, loaded, pre, cascade = _run_race(
+            race, eng, specs, out, keep, workers, text_field, id_field, lengths, run_kw)
+        toks = loaded["tokens"]
+        t_score = time.perf_counter()
+    elif prefilter is None:
         # phase 1: score (resumable)
         results = eng.run(specs, scorer, out, lengths=lengths, **run_kw)
         t_score = time.perf_counter()
