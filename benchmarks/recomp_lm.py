@@ -168,6 +168,9 @@ def main() -> None:
                          "recomp-extractive-pydoc; trained with the CLI when missing)")
     ap.add_argument("--skip", default="", help="comma-separated phases to skip: "
                     "trained,abstractive")
+    ap.add_argument("--cache-only", action="store_true",
+                    help="compute nothing new: summarise the (case, method) rows already cached "
+                    "by earlier (possibly interrupted) runs")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -177,6 +180,8 @@ def main() -> None:
         "recomp_lm_quick.json" if args.quick else "recomp_lm.json")
     rates = [float(x) for x in args.rates.split(",")]
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    if args.cache_only:
+        skip |= {"trained"}
 
     import torch
 
@@ -235,7 +240,7 @@ def main() -> None:
 
     def record(i: int, ex, contexts: dict[str, tuple[str, dict]]) -> None:
         todo = {m: v for m, v in contexts.items() if not have(i, m)}
-        if not todo:
+        if not todo or args.cache_only:
             return
         nll = scorer.nll([v[0] for v in todo.values()], ex.prefix, ex.continuation)
         with cache_path.open("a") as f:
@@ -353,6 +358,12 @@ def main() -> None:
     base = ExtractiveCompressor(tokenizer=tok)
     t0 = time.perf_counter()
     for i, ex in enumerate(tqdm(cases, desc="baselines + extractive")):
+        if args.cache_only:
+            for m in ("none", "full", *[f"{b}@{r}" for r in rates for b in (
+                    "extractive", "first-sentences", "random-sentences")],
+                    "extractive-top1-sentence"):
+                have(i, m)
+            continue
         ctx = {"none": ("", {}), "full": ("\n\n".join(ex.passages), {})}
         for r in rates:
             b = Budget(rate=r)
@@ -381,6 +392,8 @@ def main() -> None:
     for ex in tqdm(cal, desc="calibrating selective threshold"):
         ck = "cal:" + hashlib.sha256(json.dumps([ex.doc_id, ex.prefix]).encode()).hexdigest()[:16]
         d = seen.get((ck, "calibration"))
+        if d is None and args.cache_only:
+            continue
         if d is None:
             res = base.compress(ex.passages, query=ex.query, budget=Budget(rate=0.2))
             n = scorer.nll([None, res.text], ex.prefix, ex.continuation)
@@ -391,8 +404,8 @@ def main() -> None:
                 f.write(json.dumps(d) + "\n")
         best.append(d["best_score"])
         gains.append(d["gain"])
-    if cal:
-        calib.update(threshold=calibrate_threshold(best, gains), cases=len(cal),
+    if best:
+        calib.update(threshold=calibrate_threshold(best, gains), cases=len(best),
                      documents="training-side (disjoint from the test topics)",
                      mean_gain=float(np.mean(gains)))
     phase_seconds["calibration"] = time.perf_counter() - t0
@@ -449,7 +462,7 @@ def main() -> None:
                 rows.setdefault(f"abstractive+gate@{r_abs}", {})[i] = sel
 
         for i, ex in enumerate(tqdm(cases[:n_abs], desc="abstractive")):
-            if have(i, f"abstractive@{r_abs}"):
+            if have(i, f"abstractive@{r_abs}") or args.cache_only:
                 continue
             res = absc.compress(ex.passages, query=ex.query, budget=Budget(rate=r_abs))
             p_yes = absc.relevance(ex.query, ex.passages)
