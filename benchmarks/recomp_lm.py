@@ -131,7 +131,7 @@ def summarise(rows: dict[str, dict[int, dict]], cases: list[int]) -> dict:
         per = [p for p in per if np.isfinite(p)]
         s = {
             "cases": len(cs),
-            "benefit_retained_pooled": pooled_benefit(zip(a_none, a_full, a_m)),
+            "benefit_retained_pooled": float(pooled_benefit(zip(a_none, a_full, a_m))),
             "benefit_retained_pooled_ci95": bootstrap(arrays, pooled),
             "benefit_retained_median": float(np.median(per)) if per else None,
             "benefit_retained_median_ci95": bootstrap(arrays, median),
@@ -139,6 +139,7 @@ def summarise(rows: dict[str, dict[int, dict]], cases: list[int]) -> dict:
             "mean_gain_vs_none": float(np.mean(a_none - a_m)),
             "mean_gain_vs_none_ci95": bootstrap(arrays, lambda n, f, x: float(np.mean(n - x))),
             "fraction_worse_than_none": float(np.mean(a_m > a_none + 1e-9)),
+            "fraction_better_than_none": float(np.mean(a_m < a_none - 1e-9)),
             "achieved_rate": float(np.sum([by_case[c]["tokens"] for c in cs]) /
                                    max(1, np.sum([full_tok[c] for c in cs]))),
             "mean_tokens": float(np.mean([by_case[c]["tokens"] for c in cs])),
@@ -171,6 +172,9 @@ def main() -> None:
     ap.add_argument("--cache-only", action="store_true",
                     help="compute nothing new: summarise the (case, method) rows already cached "
                     "by earlier (possibly interrupted) runs")
+    ap.add_argument("--only-calibration", action="store_true",
+                    help="like --cache-only for the test cases, but compute the calibration "
+                    "cases (e.g. alongside a running full run)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -180,8 +184,11 @@ def main() -> None:
         "recomp_lm_quick.json" if args.quick else "recomp_lm.json")
     rates = [float(x) for x in args.rates.split(",")]
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
-    if args.cache_only:
+    cases_cached_only = args.cache_only or args.only_calibration
+    if cases_cached_only:
         skip |= {"trained"}
+    if args.only_calibration:
+        skip |= {"abstractive"}
 
     import torch
 
@@ -240,7 +247,7 @@ def main() -> None:
 
     def record(i: int, ex, contexts: dict[str, tuple[str, dict]]) -> None:
         todo = {m: v for m, v in contexts.items() if not have(i, m)}
-        if not todo or args.cache_only:
+        if not todo or cases_cached_only:
             return
         nll = scorer.nll([v[0] for v in todo.values()], ex.prefix, ex.continuation)
         with cache_path.open("a") as f:
@@ -275,15 +282,15 @@ def main() -> None:
                 "default_median": ext.get("benefit_retained_median"),
                 "trained_pooled": tr.get("benefit_retained_pooled"),
                 "trained_median": tr.get("benefit_retained_median"),
-                "met_pooled": max(ext.get("benefit_retained_pooled", -9),
-                                  tr.get("benefit_retained_pooled", -9)) >= 0.9,
-                "met_median": max(ext.get("benefit_retained_median") or -9,
-                                  tr.get("benefit_retained_median") or -9) >= 0.9,
+                "met_pooled": bool(max(ext.get("benefit_retained_pooled", -9),
+                                       tr.get("benefit_retained_pooled", -9)) >= 0.9),
+                "met_median": bool(max(ext.get("benefit_retained_median") or -9,
+                                       tr.get("benefit_retained_median") or -9) >= 0.9),
             },
             "selective_never_worse_than_no_docs": {
                 m: {"mean_gain_vs_none": s["mean_gain_vs_none"],
                     "ci95": s["mean_gain_vs_none_ci95"],
-                    "met": s["mean_gain_vs_none"] >= 0.0} for m, s in sels.items()},
+                    "met": bool(s["mean_gain_vs_none"] >= 0.0)} for m, s in sels.items()},
         }
         rep = report or load_report()
         out = {
@@ -294,7 +301,8 @@ def main() -> None:
                 "dedup": "passages of the same document or sharing an 8-word n-gram with it "
                          "are never retrieved",
                 **geo, "test_documents": len(test_docs), "cases_available": len(all_cases),
-                "cases": len(cases), "target_lm": args.lm or "SmolLM2-135M-Instruct",
+                "cases": len(cases), "cases_evaluated": len(full),
+                "target_lm": args.lm or "SmolLM2-135M-Instruct",
                 "encoder": "all-MiniLM-L6-v2", "trained_model": str(mdir),
                 "train_report": {k: rep.get(k) for k in (
                     "config", "train_cases", "dev_cases", "cases_with_positive", "triplets",
@@ -358,7 +366,7 @@ def main() -> None:
     base = ExtractiveCompressor(tokenizer=tok)
     t0 = time.perf_counter()
     for i, ex in enumerate(tqdm(cases, desc="baselines + extractive")):
-        if args.cache_only:
+        if cases_cached_only:
             for m in ("none", "full", *[f"{b}@{r}" for r in rates for b in (
                     "extractive", "first-sentences", "random-sentences")],
                     "extractive-top1-sentence"):
@@ -474,7 +482,7 @@ def main() -> None:
             write()  # partial results after every case (the slowest phase)
         derive_gate()
         phase_seconds["abstractive"] = time.perf_counter() - t0
-    out = write(final=True)
+    out = write(final=not cases_cached_only)
     print(json.dumps({"summary": {k: {kk: (round(vv, 3) if isinstance(vv, float) else vv)
                                       for kk, vv in v.items()}
                                   for k, v in out["summary"].items()},
