@@ -1,28 +1,37 @@
 """RECOMP's language-modelling setup on real local text (pydoc_data.topics).
 
-For each test case (a 96-token prefix of a held-out document and its next 32 tokens - the
-In-Context RALM / RECOMP LM geometry) the last 32 prefix tokens retrieve the top-5 100-word
-passages of *other* documents from a faiss index. Each method compresses those passages; the
-target LM (default SmolLM2-135M-Instruct) then reads ``[compressed passages; prefix]`` and we
-measure the continuation NLL.
+For each test case (a 128-token prefix of a held-out document and its next 64 tokens - the
+In-Context RALM / RECOMP LM geometry with a longer scored chunk) the last 32 prefix tokens
+retrieve the top-5 100-word passages of *other* documents from a faiss index (passages sharing
+an 8-word n-gram with the test document are never retrieved). Each method compresses those
+passages; the target LM (default SmolLM2-135M-Instruct) reads ``[compressed passages; prefix]``
+and we measure the mean NLL of the continuation.
 
     context benefit retained = (NLL_none - NLL_method) / (NLL_none - NLL_full)
 
-with "full" = the five retrieved passages uncompressed (pooled over cases, plus the per-case
-median). Methods: extractive (packaged MiniLM), extractive trained with
-``ctxzip rag train-extractive`` on topics disjoint from the test topics (with and without its
-calibrated selective-augmentation threshold), abstractive (SmolLM2 summary; with and without its
-relevance gate), first sentences, random sentences, no docs. Goal (issue 5): extractive at
-<= 20% of the retrieved tokens keeps >= 90% of the full docs' benefit, and selective
-augmentation is never worse than no docs on average.
+with "full" = the five retrieved passages uncompressed. Reported per method: pooled over cases
+(sum of gains / sum of full gains - the corpus-level number RECOMP's perplexities correspond
+to) and the per-case median, each with a 95% bootstrap CI over cases, plus the mean NLL gain
+over "no docs" (with CI) for the selective-augmentation goal.
 
-    python benchmarks/recomp_lm.py            # full run (trains the extractive model if absent)
-    python benchmarks/recomp_lm.py --quick    # a few cases
+Methods: extractive (packaged MiniLM; token budget and RECOMP's top-1 sentence), extractive
+trained with ``ctxzip rag train-extractive`` on topics disjoint from the test topics, both with
+their selective-augmentation threshold calibrated on held-out *training-side* documents,
+abstractive (SmolLM2-Instruct; with and without its relevance gate), first sentences, random
+sentences, no docs. Goals (issue 5): extractive at <= 20% of the retrieved tokens keeps >= 90%
+of the full docs' benefit, and selective augmentation is never worse than no docs on average.
+
+Every (case, method) NLL is cached in ``<ctxzip cache>/bench/recomp_lm/<settings>.jsonl``, so a
+rerun resumes where it stopped; results are rewritten after every phase.
+
+    python benchmarks/recomp_lm.py            # 40 cases (trains the extractive model if absent)
+    python benchmarks/recomp_lm.py --quick    # 4 cases
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -80,33 +89,119 @@ def baseline_select(passages: list[str], budget: Budget, tok, how: str, seed: in
     return "\n\n".join(" ".join(v) for _, v in sorted(parts.items()))
 
 
+def bootstrap(values: dict[str, np.ndarray], stat, n: int = 2000, seed: int = 0) -> list[float]:
+    """95% percentile bootstrap CI of ``stat(**resampled arrays)`` over cases."""
+    rng = np.random.default_rng(seed)
+    m = len(next(iter(values.values())))
+    out = []
+    for _ in range(n):
+        idx = rng.integers(0, m, m)
+        v = stat(**{k: a[idx] for k, a in values.items()})
+        if np.isfinite(v):
+            out.append(v)
+    if not out:
+        return [float("nan"), float("nan")]
+    return [float(np.percentile(out, 2.5)), float(np.percentile(out, 97.5))]
+
+
+def summarise(rows: dict[str, dict[int, dict]], cases: list[int]) -> dict:
+    none = {c: rows["none"][c]["nll"] for c in cases if c in rows.get("none", {})}
+    full = {c: rows["full"][c]["nll"] for c in cases if c in rows.get("full", {})}
+    full_tok = {c: rows["full"][c]["tokens"] for c in full}
+    summary = {}
+    for m, by_case in rows.items():
+        cs = [c for c in cases if c in by_case and c in none and c in full]
+        if not cs:
+            continue
+        a_none = np.array([none[c] for c in cs])
+        a_full = np.array([full[c] for c in cs])
+        a_m = np.array([by_case[c]["nll"] for c in cs])
+
+        def pooled(n, f, x):
+            d = np.sum(n - f)
+            return float(np.sum(n - x) / d) if abs(d) > 1e-12 else float("nan")
+
+        def median(n, f, x):
+            d = n - f
+            ok = np.abs(d) > 1e-9
+            return float(np.median((n[ok] - x[ok]) / d[ok])) if ok.any() else float("nan")
+
+        arrays = {"n": a_none, "f": a_full, "x": a_m}
+        per = [context_benefit(n, f, x) for n, f, x in zip(a_none, a_full, a_m)]
+        per = [p for p in per if np.isfinite(p)]
+        s = {
+            "cases": len(cs),
+            "benefit_retained_pooled": float(pooled_benefit(zip(a_none, a_full, a_m))),
+            "benefit_retained_pooled_ci95": bootstrap(arrays, pooled),
+            "benefit_retained_median": float(np.median(per)) if per else None,
+            "benefit_retained_median_ci95": bootstrap(arrays, median),
+            "mean_nll": float(a_m.mean()),
+            "mean_gain_vs_none": float(np.mean(a_none - a_m)),
+            "mean_gain_vs_none_ci95": bootstrap(arrays, lambda n, f, x: float(np.mean(n - x))),
+            "fraction_worse_than_none": float(np.mean(a_m > a_none + 1e-9)),
+            "fraction_better_than_none": float(np.mean(a_m < a_none - 1e-9)),
+            "achieved_rate": float(np.sum([by_case[c]["tokens"] for c in cs]) /
+                                   max(1, np.sum([full_tok[c] for c in cs]))),
+            "mean_tokens": float(np.mean([by_case[c]["tokens"] for c in cs])),
+        }
+        if any("empty" in by_case[c] for c in cs):
+            s["empty_fraction"] = float(np.mean([by_case[c].get("empty", False) for c in cs]))
+        summary[m] = s
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="4 cases, 2 abstractive, rate 0.2")
-    ap.add_argument("--cases", type=int, default=12)
-    ap.add_argument("--abstractive-cases", type=int, default=4)
-    ap.add_argument("--rates", default="0.1,0.2")
+    ap.add_argument("--quick", action="store_true", help="4 cases, rate 0.2")
+    ap.add_argument("--cases", type=int, default=40)
+    ap.add_argument("--abstractive-cases", type=int, default=None,
+                    help="cases for the abstractive compressor (default: all)")
+    ap.add_argument("--calibration-cases", type=int, default=16,
+                    help="training-side cases calibrating the packaged encoder's selective "
+                    "threshold (default 16)")
+    ap.add_argument("--rates", default="0.2", help="comma-separated rates (e.g. 0.1,0.2)")
+    ap.add_argument("--prefix-tokens", type=int, default=128)
+    ap.add_argument("--continuation-tokens", type=int, default=64)
+    ap.add_argument("--query-tokens", type=int, default=32)
     ap.add_argument("--lm", default=None, help="target LM (default SmolLM2-135M-Instruct)")
     ap.add_argument("--model-dir", default=None,
                     help="trained extractive compressor (default: <ctxzip cache>/"
                          "recomp-extractive-pydoc; trained with the CLI when missing)")
+    ap.add_argument("--skip", default="", help="comma-separated phases to skip: "
+                    "trained,abstractive")
+    ap.add_argument("--cache-only", action="store_true",
+                    help="compute nothing new: summarise the (case, method) rows already cached "
+                    "by earlier (possibly interrupted) runs")
+    ap.add_argument("--only-calibration", action="store_true",
+                    help="like --cache-only for the test cases, but compute the calibration "
+                    "cases (e.g. alongside a running full run)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    ap.add_argument("--out", default=str(RESULTS / "recomp_lm.json"))
-    ap.add_argument("--resume", action="store_true",
-                    help="reuse finished phases from <out>.partial.json (same settings)")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.quick:
-        args.cases, args.abstractive_cases, args.rates = 4, 2, "0.2"
+        args.cases, args.rates, args.calibration_cases = 4, "0.2", 4
+    out_path = Path(args.out) if args.out else RESULTS / (
+        "recomp_lm_quick.json" if args.quick else "recomp_lm.json")
     rates = [float(x) for x in args.rates.split(",")]
+    skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    cases_cached_only = args.cache_only or args.only_calibration
+    if cases_cached_only:
+        skip |= {"trained"}
+    if args.only_calibration:
+        skip |= {"abstractive"}
 
     import torch
 
     torch.set_num_threads(args.threads)
-    from ctxzip.eval import ContextEvaluator
-    from ctxzip.models import cache_dir, load_causal_lm
+    from ctxzip.models import cache_dir
     from ctxzip.prompt import AbstractiveCompressor, ExtractiveCompressor
     from ctxzip.rag.index import PassageIndex, index_documents
-    from ctxzip.rag.train_extractive import lm_examples, pydoc_documents, split_by_source
+    from ctxzip.rag.train_extractive import (
+        ContinuationScorer,
+        lm_examples,
+        pydoc_documents,
+        split_by_source,
+    )
 
     t_start = time.perf_counter()
     docs = pydoc_documents()
@@ -117,176 +212,281 @@ def main() -> None:
     else:
         index = index_documents(docs, words=100, progress=True)
         index.save(ix_dir)
-    model, tok = load_causal_lm(args.lm)
-    ev = ContextEvaluator(model, tok)
-    cases = lm_examples(test_docs, index, tok, max_per_doc=2)
+    scorer = ContinuationScorer(args.lm, batch_size=4)
+    tok = scorer.tokenizer
+    geo = dict(prefix_tokens=args.prefix_tokens, continuation_tokens=args.continuation_tokens,
+               query_tokens=args.query_tokens, stride=args.prefix_tokens + args.continuation_tokens,
+               max_per_doc=3)
+    all_cases = lm_examples(test_docs, index, tok, **geo)
     rng = np.random.default_rng(0)
-    order = rng.permutation(len(cases))[: args.cases]
-    cases = [cases[i] for i in sorted(order)]
+    pick = sorted(rng.permutation(len(all_cases))[: args.cases].tolist())
+    cases = [all_cases[i] for i in pick]
     print(f"{len(docs)} documents, {len(index)} passages; {len(test_docs)} test documents "
-          f"({len({d.source for d in test_docs})} topics) -> {len(cases)} cases", flush=True)
+          f"({len({d.source for d in test_docs})} topics) -> {len(all_cases)} cases, "
+          f"evaluating {len(cases)}", flush=True)
 
-    def nll(ex, context: str) -> float:
-        ctx = ev.encode(context.strip() + "\n\n") if context.strip() else []
-        (tot, n), = ev.score_items(ctx, [(ev.encode(ex.prefix), ev.encode(ex.continuation))])
-        return tot / n
+    settings = {"geo": geo, "lm": args.lm, "k": 5, "index": len(index), "v": 2}
+    tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    cache_path = cache_dir() / "bench" / "recomp_lm" / f"{tag}.jsonl"
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict[int, dict]] = {}
+    seen: dict[tuple[str, str], dict] = {}
+    if cache_path.is_file():
+        for line in cache_path.read_text().splitlines():
+            if line.strip():
+                d = json.loads(line)
+                seen[(d["key"], d["method"])] = d
+    case_key = {i: hashlib.sha256(json.dumps([ex.doc_id, ex.prefix, ex.passage_ids]).encode())
+                .hexdigest()[:16] for i, ex in enumerate(cases)}
 
-    def ntok(text: str) -> int:
-        return len(ev.encode(text)) if text else 0
+    def have(i: int, method: str) -> bool:
+        d = seen.get((case_key[i], method))
+        if d is not None:
+            rows.setdefault(method, {})[i] = d
+        return d is not None
 
-    rows: dict[str, list[dict]] = {}
-    partial = Path(args.out).with_suffix(".partial.json")
-    if args.resume and partial.is_file():
-        rows = json.loads(partial.read_text())
-        print(f"resuming: {sorted(rows)}", flush=True)
+    def record(i: int, ex, contexts: dict[str, tuple[str, dict]]) -> None:
+        todo = {m: v for m, v in contexts.items() if not have(i, m)}
+        if not todo or cases_cached_only:
+            return
+        nll = scorer.nll([v[0] for v in todo.values()], ex.prefix, ex.continuation)
+        with cache_path.open("a") as f:
+            for (m, (ctx, extra)), x in zip(todo.items(), nll):
+                d = {"key": case_key[i], "method": m, "nll": float(x),
+                     "tokens": len(tok(ctx, add_special_tokens=False)["input_ids"]) if ctx else 0,
+                     **extra}
+                seen[(case_key[i], m)] = d
+                rows.setdefault(m, {})[i] = d
+                f.write(json.dumps(d) + "\n")
 
-    def checkpoint() -> None:
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps(rows))
+    phase_seconds: dict[str, float] = {}
+    mdir = Path(args.model_dir) if args.model_dir else cache_dir() / "recomp-extractive-pydoc"
+    report: dict = {}
 
-    def record(method: str, i: int, ex, context: str, extra: dict | None = None) -> None:
-        rows.setdefault(method, []).append({
-            "case": i, "nll": nll(ex, context), "tokens": ntok(context), **(extra or {})})
+    def load_report() -> dict:
+        if (mdir / "train_report.json").is_file():
+            return json.loads((mdir / "train_report.json").read_text())
+        return {}
 
+    def write(final: bool = False) -> dict:
+        summary = summarise(rows, list(range(len(cases))))
+        none = rows.get("none", {})
+        full = rows.get("full", {})
+        ext = summary.get("extractive@0.2", {})
+        tr = summary.get("extractive-trained@0.2", {})
+        sels = {m: summary[m] for m in summary if "selective" in m or "gate" in m}
+        goals = {
+            "extractive_at_0.2_retains_ge_0.9": {
+                "default_pooled": ext.get("benefit_retained_pooled"),
+                "default_pooled_ci95": ext.get("benefit_retained_pooled_ci95"),
+                "default_median": ext.get("benefit_retained_median"),
+                "trained_pooled": tr.get("benefit_retained_pooled"),
+                "trained_median": tr.get("benefit_retained_median"),
+                "met_pooled": bool(max(ext.get("benefit_retained_pooled", -9),
+                                       tr.get("benefit_retained_pooled", -9)) >= 0.9),
+                "met_median": bool(max(ext.get("benefit_retained_median") or -9,
+                                       tr.get("benefit_retained_median") or -9) >= 0.9),
+            },
+            "selective_never_worse_than_no_docs": {
+                m: {"mean_gain_vs_none": s["mean_gain_vs_none"],
+                    "ci95": s["mean_gain_vs_none_ci95"],
+                    "met": bool(s["mean_gain_vs_none"] >= 0.0)} for m, s in sels.items()},
+        }
+        rep = report or load_report()
+        out = {
+            "setup": {
+                "corpus": "pydoc_data.topics via ctxzip.eval.prose_documents(min_chars=1500, "
+                          "max_chars=4000); test = 30% of topics (split_by_source seed 0)",
+                "passages": len(index), "passage_words": 100, "retrieved_k": 5,
+                "dedup": "passages of the same document or sharing an 8-word n-gram with it "
+                         "are never retrieved",
+                **geo, "test_documents": len(test_docs), "cases_available": len(all_cases),
+                "cases": len(cases), "cases_evaluated": len(full),
+                "target_lm": args.lm or "SmolLM2-135M-Instruct",
+                "encoder": "all-MiniLM-L6-v2", "trained_model": str(mdir),
+                "train_report": {k: rep.get(k) for k in (
+                    "config", "train_cases", "dev_cases", "cases_with_positive", "triplets",
+                    "threshold", "base_encoder_threshold", "training",
+                    "dev_mean_gain_base_encoder", "dev_mean_gain_always",
+                    "dev_mean_gain_selective", "seconds_labelling", "seconds_total")},
+                "full_docs_help_fraction": float(np.mean([full[c]["nll"] < none[c]["nll"]
+                                                          for c in full if c in none]))
+                if full else None,
+                "mean_nll_none": float(np.mean([d["nll"] for d in none.values()])) if none
+                else None,
+                "mean_nll_full": float(np.mean([d["nll"] for d in full.values()])) if full
+                else None,
+                "mean_full_tokens": float(np.mean([d["tokens"] for d in full.values()]))
+                if full else None,
+                "bootstrap": "2000 resamples of cases, percentile 95% CI",
+                "selective_calibration_packaged_encoder": calib,
+            },
+            "summary": summary,
+            "goals": goals,
+            "seconds": {**phase_seconds, "total": time.perf_counter() - t_start},
+            "finished": final,
+            "machine": machine(),
+            "cases": [{"doc_id": ex.doc_id, "passage_ids": ex.passage_ids} for ex in cases],
+            "rows": {m: {str(c): d for c, d in v.items()} for m, v in rows.items()},
+        }
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(out, indent=2))
+        plot(summary, rates, out_path.with_suffix(".png"))
+        return out
+
+    calib: dict = {}
+
+    def derive_selective() -> None:
+        """Selective augmentation: no context when the best sentence scores below the
+        threshold calibrated on held-out training-side documents (this script's calibration
+        cases for the packaged encoder, train_report.json for the trained one)."""
+        rep = load_report()
+        for src, key in (("extractive@0.2", "base_encoder_threshold"),
+                         ("extractive-trained@0.2", "threshold")):
+            if src not in rows:
+                continue
+            if src == "extractive@0.2" and "threshold" in calib:
+                th = calib["threshold"]
+            elif rep and key in rep:
+                th = rep[key]
+            else:
+                continue
+            dst = src.replace("@", "+selective@")
+            rows[dst] = {}
+            for i, d in rows[src].items():
+                empty = th is not None and d["best_score"] < th
+                sel = dict(d, method=dst, empty=bool(empty), threshold=th)
+                if empty:
+                    sel.update(nll=rows["none"][i]["nll"], tokens=0)
+                rows[dst][i] = sel
+
+    from tqdm.auto import tqdm
+
+    # ---------------------------------------------------------------- phase 1: untrained
     base = ExtractiveCompressor(tokenizer=tok)
     t0 = time.perf_counter()
-    for i, ex in enumerate(cases if "full" not in rows else []):
-        full = "\n\n".join(ex.passages)
-        record("none", i, ex, "")
-        record("full", i, ex, full)
+    for i, ex in enumerate(tqdm(cases, desc="baselines + extractive")):
+        if cases_cached_only:
+            for m in ("none", "full", *[f"{b}@{r}" for r in rates for b in (
+                    "extractive", "first-sentences", "random-sentences")],
+                    "extractive-top1-sentence"):
+                have(i, m)
+            continue
+        ctx = {"none": ("", {}), "full": ("\n\n".join(ex.passages), {})}
         for r in rates:
             b = Budget(rate=r)
-            record(f"extractive@{r}", i, ex, base.compress(ex.passages, query=ex.query,
-                                                           budget=b).text)
-            record(f"first-sentences@{r}", i, ex, baseline_select(ex.passages, b, tok, "first", i))
-            record(f"random-sentences@{r}", i, ex,
-                   baseline_select(ex.passages, b, tok, "random", i))
-        print(f"  case {i + 1}/{len(cases)} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    t_base = time.perf_counter() - t0
-    checkpoint()
+            res = base.compress(ex.passages, query=ex.query, budget=b)
+            ctx[f"extractive@{r}"] = (res.text, {"best_score": res.details["best_score"]})
+            ctx[f"first-sentences@{r}"] = (baseline_select(ex.passages, b, tok, "first", i), {})
+            ctx[f"random-sentences@{r}"] = (baseline_select(ex.passages, b, tok, "random", i),
+                                            {})
+            if r == 0.2:  # RECOMP's sentence budget, top-1, from the same scores
+                sents = [s for j, p in enumerate(ex.passages) for s in split_sentences(p, doc=j)]
+                best = int(np.argmax([s["score"] for s in res.details["sentences"]]))
+                ctx["extractive-top1-sentence"] = (sents[best].text, {})
+        record(i, ex, ctx)
+    phase_seconds["baselines+extractive"] = time.perf_counter() - t0
 
-    # abstractive: one generation per case; the relevance gate is evaluated on the same output
-    absc = AbstractiveCompressor(model=model, generation_tokenizer=tok, tokenizer=tok,
-                                 relevance_threshold=None, max_input_tokens=1024)
+    # ---------------------------------------------------------------- calibration
+    # the packaged encoder's selective threshold, from cases of *training-side* documents
+    # (never the test documents): calibrate_threshold maximises the total NLL gain there
     t0 = time.perf_counter()
-    r_abs = 0.2
-    done_abs = f"abstractive@{r_abs}" in rows
-    for i, ex in enumerate(cases[: args.abstractive_cases] if not done_abs else []):
-        res = absc.compress(ex.passages, query=ex.query, budget=Budget(rate=r_abs))
-        p_yes = absc.relevance(ex.query, ex.passages)
-        record(f"abstractive@{r_abs}", i, ex, res.text, {"relevance": p_yes})
-        gated = res.text if p_yes >= 0.5 else ""
-        record(f"abstractive+gate@{r_abs}", i, ex, gated, {"relevance": p_yes})
-        print(f"  abstractive {i + 1}/{args.abstractive_cases} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    t_abs = time.perf_counter() - t0
-    checkpoint()
+    from ctxzip.prompt.extractive import calibrate_threshold
 
-    # trained extractive (wait for / run the training)
-    mdir = Path(args.model_dir) if args.model_dir else cache_dir() / "recomp-extractive-pydoc"
-    if not (mdir / "train_report.json").is_file():
-        wait = os.environ.get("RECOMP_WAIT_FOR_TRAINING")
-        if wait:
-            print(f"waiting for {mdir} ...", flush=True)
-            while not (mdir / "train_report.json").is_file():
-                time.sleep(20)
-        else:
+    pool = lm_examples(train_docs, index, tok, **{**geo, "max_per_doc": 1})
+    crng = np.random.default_rng(1)
+    cal = [pool[j] for j in sorted(crng.permutation(len(pool))[: args.calibration_cases])]
+    best, gains = [], []
+    for ex in tqdm(cal, desc="calibrating selective threshold"):
+        ck = "cal:" + hashlib.sha256(json.dumps([ex.doc_id, ex.prefix]).encode()).hexdigest()[:16]
+        d = seen.get((ck, "calibration"))
+        if d is None and args.cache_only:
+            continue
+        if d is None:
+            res = base.compress(ex.passages, query=ex.query, budget=Budget(rate=0.2))
+            n = scorer.nll([None, res.text], ex.prefix, ex.continuation)
+            d = {"key": ck, "method": "calibration", "best_score": res.details["best_score"],
+                 "gain": float(n[0] - n[1])}
+            seen[(ck, "calibration")] = d
+            with cache_path.open("a") as f:
+                f.write(json.dumps(d) + "\n")
+        best.append(d["best_score"])
+        gains.append(d["gain"])
+    if best:
+        calib.update(threshold=calibrate_threshold(best, gains), cases=len(best),
+                     documents="training-side (disjoint from the test topics)",
+                     mean_gain=float(np.mean(gains)))
+    phase_seconds["calibration"] = time.perf_counter() - t0
+    derive_selective()
+    write()
+
+    # ---------------------------------------------------------------- phase 2: trained
+    if "trained" not in skip:
+        if not (mdir / "train_report.json").is_file():
             cmd = [sys.executable, "-m", "ctxzip", "rag", "train-extractive", "--out", str(mdir),
-                   "--index", str(ix_dir), "--max-sentences", "8", "--batch-size", "16"]
-            cmd += ["--max-docs", "10", "--epochs", "1"] if args.quick else [
-                "--max-docs", "15", "--epochs", "3"]
+                   "--index", str(ix_dir)]
+            if args.quick:
+                cmd += ["--max-docs", "6", "--epochs", "1"]
             print("training:", " ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    report = json.loads((mdir / "train_report.json").read_text())
-    trained_ids = set(report["train_doc_ids"]) | set(report["dev_doc_ids"])
-    test_ids = {ex.doc_id for ex in cases}
-    overlap = trained_ids & test_ids
-    assert not overlap, f"trained on test documents: {sorted(overlap)[:5]}"
-    trained = ExtractiveCompressor.from_pretrained(mdir, tokenizer=tok, threshold=None)
-    selective = ExtractiveCompressor.from_pretrained(mdir, tokenizer=tok)
-    t0 = time.perf_counter()
-    for k in [m for m in rows if m.startswith("extractive-trained")]:
-        del rows[k]
-    for i, ex in enumerate(cases):
-        for r in rates:
-            record(f"extractive-trained@{r}", i, ex,
-                   trained.compress(ex.passages, query=ex.query, budget=Budget(rate=r)).text)
-        res = selective.compress(ex.passages, query=ex.query, budget=Budget(rate=0.2))
-        record("extractive-trained+selective@0.2", i, ex, res.text,
-               {"empty": res.details["selective_empty"]})
-    t_trained = time.perf_counter() - t0
-    checkpoint()
+            subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                                 "OMP_NUM_THREADS": str(args.threads)})
+        report = load_report()
+        trained_ids = set(report["train_doc_ids"]) | set(report["dev_doc_ids"])
+        overlap = trained_ids & {ex.doc_id for ex in cases}
+        assert not overlap, f"trained on test documents: {sorted(overlap)[:5]}"
+        trained = ExtractiveCompressor.from_pretrained(mdir, tokenizer=tok, threshold=None)
+        mtag = hashlib.sha256(json.dumps([report.get("seconds_total"), report.get("triplets")])
+                              .encode()).hexdigest()[:8]  # a retrained model gets new rows
+        t0 = time.perf_counter()
+        for i, ex in enumerate(tqdm(cases, desc="trained extractive")):
+            ctx = {}
+            for r in rates:
+                res = trained.compress(ex.passages, query=ex.query, budget=Budget(rate=r))
+                ctx[f"extractive-trained@{r}#{mtag}"] = (
+                    res.text, {"best_score": res.details["best_score"]})
+            record(i, ex, ctx)
+        for m in list(rows):
+            if m.endswith(f"#{mtag}"):
+                rows[m.split("#")[0]] = rows.pop(m)
+        derive_selective()
+        phase_seconds["trained"] = time.perf_counter() - t0
+        write()
 
-    # ------------------------------------------------------------------ summary
-    none = {r["case"]: r["nll"] for r in rows["none"]}
-    full = {r["case"]: r["nll"] for r in rows["full"]}
-    full_tok = {r["case"]: r["tokens"] for r in rows["full"]}
-    summary = {}
-    for m, rs in rows.items():
-        trip = [(none[r["case"]], full[r["case"]], r["nll"]) for r in rs]
-        per = [context_benefit(*t) for t in trip]
-        per = [p for p in per if np.isfinite(p)]
-        summary[m] = {
-            "cases": len(rs),
-            "benefit_retained_pooled": pooled_benefit(trip),
-            "benefit_retained_median": float(np.median(per)) if per else None,
-            "mean_nll": float(np.mean([r["nll"] for r in rs])),
-            "mean_nll_none_same_cases": float(np.mean([none[r["case"]] for r in rs])),
-            "mean_gain_vs_none": float(np.mean([none[r["case"]] - r["nll"] for r in rs])),
-            "achieved_rate": float(np.sum([r["tokens"] for r in rs]) /
-                                   max(1, np.sum([full_tok[r["case"]] for r in rs]))),
-        }
-        if any("empty" in r for r in rs):
-            summary[m]["empty_fraction"] = float(np.mean([r["empty"] for r in rs]))
-        if any("relevance" in r for r in rs):
-            summary[m]["gate_empty_fraction"] = float(np.mean([r["relevance"] < 0.5 for r in rs]))
-    helps = float(np.mean([full[c] < none[c] for c in none]))
-    ext = summary.get("extractive@0.2", {})
-    tr = summary.get("extractive-trained@0.2", {})
-    sel = summary.get("extractive-trained+selective@0.2", {})
-    goals = {
-        "extractive_at_0.2_retains_ge_0.9": {
-            "default": ext.get("benefit_retained_pooled"),
-            "trained": tr.get("benefit_retained_pooled"),
-            "met": max(ext.get("benefit_retained_pooled", -1), tr.get("benefit_retained_pooled", -1))
-            >= 0.9,
-        },
-        "selective_never_worse_than_no_docs": {
-            "mean_gain_vs_none": sel.get("mean_gain_vs_none"),
-            "met": sel.get("mean_gain_vs_none", -1) >= 0.0,
-        },
-    }
-    out = {
-        "setup": {
-            "corpus": "pydoc_data.topics via ctxzip.eval.prose_documents(min_chars=1500, "
-                      "max_chars=4000)", "passages": len(index), "passage_words": 100,
-            "retrieved_k": 5, "dedup": "passages sharing an 8-word n-gram with the test document "
-                                     "are never retrieved", "prefix_tokens": 96, "continuation_tokens": 32,
-            "query_tokens": 32, "test_documents": len(test_docs), "cases": len(cases),
-            "abstractive_cases": min(args.abstractive_cases, len(cases)),
-            "target_lm": args.lm or "SmolLM2-135M-Instruct",
-            "encoder": "all-MiniLM-L6-v2", "trained_model": str(mdir),
-            "train_report": {k: report.get(k) for k in (
-                "train_cases", "dev_cases", "triplets", "threshold", "training",
-                "dev_mean_gain_always", "dev_mean_gain_selective", "seconds_total")},
-            "full_docs_help_fraction": helps,
-            "mean_nll_none": float(np.mean(list(none.values()))),
-            "mean_nll_full": float(np.mean(list(full.values()))),
-            "mean_full_tokens": float(np.mean(list(full_tok.values()))),
-        },
-        "summary": summary,
-        "goals": goals,
-        "seconds": {"baselines+extractive": t_base, "abstractive": t_abs,
-                    "trained": t_trained, "total": time.perf_counter() - t_start},
-        "machine": machine(),
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    # ---------------------------------------------------------------- phase 3: abstractive
+    if "abstractive" not in skip:
+        absc = AbstractiveCompressor(model=scorer.model, generation_tokenizer=tok, tokenizer=tok,
+                                     relevance_threshold=None, max_input_tokens=1024)
+        gate = 0.5
+        n_abs = len(cases) if args.abstractive_cases is None else args.abstractive_cases
+        r_abs = 0.2
+        t0 = time.perf_counter()
+
+        def derive_gate() -> None:
+            for i in rows.get(f"abstractive@{r_abs}", {}):
+                d = rows[f"abstractive@{r_abs}"][i]
+                sel = dict(d, empty=bool(d.get("empty") or d["relevance"] < gate))
+                if sel["empty"]:
+                    sel.update(nll=rows["none"][i]["nll"], tokens=0)
+                rows.setdefault(f"abstractive+gate@{r_abs}", {})[i] = sel
+
+        for i, ex in enumerate(tqdm(cases[:n_abs], desc="abstractive")):
+            if have(i, f"abstractive@{r_abs}") or args.cache_only:
+                continue
+            res = absc.compress(ex.passages, query=ex.query, budget=Budget(rate=r_abs))
+            p_yes = absc.relevance(ex.query, ex.passages)
+            record(i, ex, {f"abstractive@{r_abs}": (res.text, {
+                "relevance": p_yes, "empty": bool(res.details.get("selective_empty")),
+                "raw": res.details.get("raw", "")[:400]})})
+            derive_gate()
+            phase_seconds["abstractive"] = time.perf_counter() - t0
+            write()  # partial results after every case (the slowest phase)
+        derive_gate()
+        phase_seconds["abstractive"] = time.perf_counter() - t0
+    out = write(final=not cases_cached_only)
     print(json.dumps({"summary": {k: {kk: (round(vv, 3) if isinstance(vv, float) else vv)
-                                      for kk, vv in v.items()} for k, v in summary.items()},
-                      "goals": goals}, indent=2))
-    plot(summary, rates, Path(args.out).with_suffix(".png"))
+                                      for kk, vv in v.items()}
+                                  for k, v in out["summary"].items()},
+                      "goals": out["goals"]}, indent=1))
 
 
 def plot(summary: dict, rates: list[float], path: Path) -> None:
@@ -297,27 +497,32 @@ def plot(summary: dict, rates: list[float], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m, style in (("extractive", "o-"), ("extractive-trained", "s-"),
-                     ("first-sentences", "^--"), ("random-sentences", "v:")):
-        pts = [(summary[f"{m}@{r}"]["achieved_rate"], summary[f"{m}@{r}"]["benefit_retained_pooled"])
-               for r in rates if f"{m}@{r}" in summary]
-        if pts:
-            ax.plot(*zip(*pts), style, label=m)
-    for m, mk in (("abstractive@0.2", "*"), ("abstractive+gate@0.2", "P"),
-                  ("extractive-trained+selective@0.2", "D")):
-        if m in summary:
-            ax.plot(summary[m]["achieved_rate"], summary[m]["benefit_retained_pooled"], mk,
-                    markersize=10, label=m)
-    ax.axhline(1.0, color="gray", lw=0.8, label="full retrieved docs")
-    ax.axhline(0.0, color="black", lw=0.8)
-    ax.axhline(0.9, color="green", lw=0.8, ls="--", label="goal 0.9")
-    ax.set_xlabel("achieved rate (tokens kept / retrieved tokens)")
-    ax.set_ylabel("context benefit retained (continuation, pooled)")
-    ax.set_title("RECOMP LM setup on pydoc topics, SmolLM2-135M target")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    for ax, key in zip(axes, ("benefit_retained_pooled", "benefit_retained_median")):
+        for m, style in (("extractive", "o-"), ("extractive-trained", "s-"),
+                         ("first-sentences", "^--"), ("random-sentences", "v:")):
+            pts = [(summary[f"{m}@{r}"]["achieved_rate"], summary[f"{m}@{r}"][key],
+                    summary[f"{m}@{r}"][key + "_ci95"]) for r in rates if f"{m}@{r}" in summary]
+            if pts:
+                x, y, ci = zip(*pts)
+                err = np.array([[yy - c[0], c[1] - yy] for yy, c in zip(y, ci)]).T
+                ax.errorbar(x, y, yerr=err, fmt=style, capsize=3, label=m)
+        for m, mk in (("extractive-top1-sentence", "x"), ("abstractive@0.2", "*"),
+                      ("abstractive+gate@0.2", "P"), ("extractive+selective@0.2", "d"),
+                      ("extractive-trained+selective@0.2", "D")):
+            if m in summary:
+                ax.plot(summary[m]["achieved_rate"], summary[m][key], mk, markersize=9, label=m)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.axhline(0.9, color="green", lw=0.8, ls="--")
+        ax.set_xlabel("achieved rate (tokens kept / retrieved tokens)")
+        ax.set_ylabel(f"context benefit retained ({key.split('_')[-1]}, 95% CI)")
+    axes[0].legend(fontsize=7)
+    n = next(iter(summary.values()))["cases"] if summary else 0
+    fig.suptitle(f"RECOMP LM setup on pydoc topics, SmolLM2-135M target, {n} cases")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """Load test of one ``ctxzip serve`` process over real HTTP on 127.0.0.1.
 
-Starts the server as a subprocess (extractive method preloaded, packaged MiniLM), sends
-``--requests`` POST /v1/compress requests with ``--concurrency`` in flight (each: the top-5
-100-word pydoc passages for a query, rate 0.2), and reports failures, throughput, p50/p99
-latency and the server's resident memory (idle after start-up, peak during the load).
-Anchor, side by side: the same requests through ``ExtractiveCompressor.compress`` called
-directly in this process, one at a time - the ratio shows what HTTP + JSON + queueing cost.
+Starts the server as a subprocess (extractive method preloaded, packaged MiniLM, one torch
+thread), sends ``--requests`` POST /v1/compress requests with ``--concurrency`` in flight (each:
+five 100-word pydoc passages and a query, rate 0.2), and reports failures, throughput, p50/p99
+latency and the server's resident memory (idle after start-up, peak during the load, kernel
+high-water mark). Anchor, side by side: the same requests through
+``ExtractiveCompressor.compress`` called directly in this process, one at a time - the ratio
+shows what HTTP + JSON + queueing cost. With ``--allocator-ab`` (default on) a second server
+runs the same load with glibc's default malloc arenas (``--malloc-arena-max 0``), the setting
+behind the first session's 1.46 GB peak.
 
-    python benchmarks/service_load.py            # 200 requests, 8 concurrent
+    python benchmarks/service_load.py            # 200 requests, 8 concurrent (~4 min idle)
     python benchmarks/service_load.py --quick    # 40 requests, 4 concurrent
 """
 
@@ -62,24 +65,18 @@ def workload(n: int) -> list[dict]:
     return reqs
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--requests", type=int, default=200)
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "service_load.json"))
-    args = ap.parse_args()
-    if args.quick:
-        args.requests, args.concurrency = 40, 4
+def run_server(reqs: list[dict], concurrency: int, extra: list[str]) -> dict:
+    """Start one ``ctxzip serve`` process, load it, stop it; latencies and memory."""
     import httpx
 
-    reqs = workload(args.requests)
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("CTXZIP_TOKEN", None)
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "ctxzip", "serve", "--host", "127.0.0.1",
-                             "--port", str(port), "--preload", "extractive"], env=env)
+                             "--port", str(port), "--preload", "extractive",
+                             "--methods", "extractive,abstractive,truncate,random", *extra],
+                            env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         while True:
@@ -107,7 +104,8 @@ def main() -> None:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        with httpx.Client(timeout=300) as client:
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        with httpx.Client(timeout=600, limits=limits) as client:
             client.post(url + "/v1/compress", json=reqs[0])  # warm-up
 
             def one(body):
@@ -121,12 +119,14 @@ def main() -> None:
                 return ok, code, time.perf_counter() - t
 
             t1 = time.perf_counter()
-            with ThreadPoolExecutor(args.concurrency) as pool:
+            with ThreadPoolExecutor(concurrency) as pool:
                 res = list(pool.map(one, reqs))
             wall = time.perf_counter() - t1
+            health = client.get(url + "/healthz").json()
         stop.set()
         sampler.join()
         hwm = rss_mb(proc.pid, "VmHWM")
+        rss_after = rss_mb(proc.pid)
     finally:
         proc.terminate()
         try:
@@ -134,9 +134,40 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
     lat = np.array([t for _, _, t in res])
     fails = [c for ok, c, _ in res if not ok]
+    return {
+        "server_args": extra, "requests": len(reqs), "concurrency": concurrency,
+        "failures": len(fails), "failure_codes": sorted({str(c) for c in fails}),
+        "throughput_rps": len(reqs) / wall, "wall_seconds": wall,
+        "latency_ms": {"p50": float(np.percentile(lat, 50) * 1e3),
+                       "p90": float(np.percentile(lat, 90) * 1e3),
+                       "p99": float(np.percentile(lat, 99) * 1e3),
+                       "max": float(lat.max() * 1e3)},
+        "server_rss_mb": {"idle_after_startup": rss_idle, "peak_sampled": float(max(peak)),
+                          "after_load": rss_after, "high_water_mark": hwm},
+        "models_loaded": health.get("loaded"),
+        "startup_seconds": startup,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="40 requests, 4 concurrent")
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--allocator-ab", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run a server with glibc's default malloc arenas")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.quick:
+        args.requests, args.concurrency = 40, 4
+    out_path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
+        "service_load_quick.json" if args.quick else "service_load.json")
+    reqs = workload(args.requests)
+    main_run = run_server(reqs, args.concurrency, [])
+    ab = run_server(reqs, args.concurrency, ["--malloc-arena-max", "0"]) \
+        if args.allocator_ab else None
 
     # anchor: the library called directly, sequentially, same requests
     import torch
@@ -156,27 +187,21 @@ def main() -> None:
     direct = np.array(direct)
 
     out = {
-        "requests": args.requests, "concurrency": args.concurrency,
-        "failures": len(fails), "failure_codes": sorted({str(c) for c in fails}),
-        "throughput_rps": args.requests / wall,
-        "latency_ms": {"p50": float(np.percentile(lat, 50) * 1e3),
-                       "p90": float(np.percentile(lat, 90) * 1e3),
-                       "p99": float(np.percentile(lat, 99) * 1e3),
-                       "max": float(lat.max() * 1e3)},
-        "server_rss_mb": {"idle_after_startup": rss_idle, "peak_sampled": float(max(peak)),
-                          "high_water_mark": hwm},
-        "startup_seconds": startup,
+        **main_run,
         "anchor_direct_library_sequential": {
             "throughput_rps": args.requests / direct_wall,
             "latency_ms_p50": float(np.percentile(direct, 50) * 1e3),
             "latency_ms_p99": float(np.percentile(direct, 99) * 1e3)},
-        "ratio_service_throughput_vs_direct": (args.requests / wall) / (args.requests / direct_wall),
+        "ratio_service_throughput_vs_direct": main_run["throughput_rps"] /
+        (args.requests / direct_wall),
+        "allocator_ab_default_glibc_arenas": ab,
         "workload": "5 x 100-word pydoc passages per request, extractive, rate 0.2",
+        "command": "python benchmarks/service_load.py" + (" --quick" if args.quick else ""),
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                    "load_avg": os.getloadavg(), "server_threads": "OMP_NUM_THREADS=1"},
+                    "load_avg": os.getloadavg(), "server_threads": 1},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
 
 

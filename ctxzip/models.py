@@ -34,6 +34,7 @@ __all__ = [
     "load_causal_lm",
     "load_tokenizer",
     "load_encoder",
+    "load_pretrained",
     "encoder_path",
     "doc_start_ids",
     "DEFAULT_CAUSAL_LM",
@@ -214,6 +215,15 @@ def _load_local_first(load: Any, name: str, what: str, **kwargs: Any) -> Any:
 def _from_pretrained(cls: Any, name: str, what: str, **kwargs: Any) -> Any:
     """``cls.from_pretrained`` that tries local files first and wraps 'not found' errors."""
     return _load_local_first(cls.from_pretrained, name, what, **kwargs)
+
+
+def load_pretrained(cls: Any, name_or_path: str | os.PathLike, what: str = "model",
+                    **kwargs: Any) -> Any:
+    """``cls.from_pretrained(name_or_path, **kwargs)`` for any transformers class (config,
+    tokenizer, seq2seq model, ...), local files first: a directory, then the Hugging Face cache,
+    the hub only when allowed. A missing model raises :class:`ModelNotFoundError` naming
+    ``what`` and how to get an offline default."""
+    return _from_pretrained(cls, str(name_or_path), what, **kwargs)
 
 
 def causal_lm_path(name_or_path: str | os.PathLike | None = None) -> str:

@@ -92,7 +92,7 @@ def server(encoder):
     tok = minilm_tokenizer()
     cfg = ServiceConfig(
         max_body_bytes=20_000, max_documents=10, methods=("extractive", "truncate"),
-        preload=("extractive",),
+        preload=("extractive",), trim_every=16,
         compressors={"extractive": ExtractiveCompressor(encoder=encoder, tokenizer=tok),
                      "truncate": TruncationCompressor("tail", tokenizer=tok)},
     )
@@ -228,3 +228,20 @@ def test_load_200_requests_8_concurrent(server, encoder):
     assert reg.get("extractive") is before  # built once, shared
     print(f"\nload test: 200 requests, 8 concurrent: p50 {np.percentile(lat, 50) * 1e3:.1f} ms, "
           f"p99 {np.percentile(lat, 99) * 1e3:.1f} ms, {200 / wall:.1f} req/s")
+
+
+def test_healthz_reports_memory_and_loads_only_requested_methods(server):
+    h = httpx.get(server.url + "/healthz").json()
+    assert h["rss_mb"] is None or h["rss_mb"] > 50
+    assert "abstractive" not in h["loaded"]  # never requested: its LM is never loaded
+    assert "extractive" in h["loaded"]
+
+
+@pytest.mark.parametrize("kw, fragment", [
+    ({"threads": 0}, "threads"),
+    ({"trim_every": -1}, "trim_every"),
+    ({"preload": ("nope",)}, "unknown methods"),
+])
+def test_bad_service_config(kw, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        create_app(ServiceConfig(**kw))

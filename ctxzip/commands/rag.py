@@ -53,10 +53,16 @@ def register(sub: Any) -> None:
     q.add_argument("--lm", default=None, help="target LM giving the teacher signal "
                    "(default SmolLM2-135M-Instruct)")
     q.add_argument("--max-docs", type=int, default=None, help="cap the training documents")
-    q.add_argument("--max-per-doc", type=int, default=1, help="cases cut per document")
+    q.add_argument("--max-per-doc", type=int, default=2, help="cases cut per document")
+    q.add_argument("--prefix-tokens", type=int, default=128,
+                   help="LM prefix per case (default 128)")
+    q.add_argument("--continuation-tokens", type=int, default=64,
+                   help="continuation scored by the teacher LM (default 64)")
     q.add_argument("--max-sentences", type=int, default=12,
-                   help="candidate sentences labelled by the teacher LM per case")
-    q.add_argument("--epochs", type=int, default=2)
+                   help="candidate sentences labelled by the teacher LM per case (the starting "
+                   "encoder's top ones; default 12)")
+    q.add_argument("--epochs", type=int, default=3)
+    q.add_argument("--seed", type=int, default=0, help="shuffling/training seed")
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--lr", type=float, default=2e-5)
     q.add_argument("--budget", type=float, default=0.2,
@@ -177,6 +183,12 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # honour the thread cap on CPU
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from ctxzip.rag.index import index_documents
     from ctxzip.rag.train_extractive import TrainConfig, split_by_source, train_extractive
 
@@ -196,12 +208,14 @@ def _train(args: argparse.Namespace) -> int:
         index = index_documents(docs, encoder=args.encoder, progress=True)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       budget=args.budget, max_per_doc=args.max_per_doc,
-                      max_sentences=args.max_sentences)
+                      max_sentences=args.max_sentences, prefix_tokens=args.prefix_tokens,
+                      continuation_tokens=args.continuation_tokens, seed=args.seed)
     report = train_extractive(train, index, args.out, encoder=args.encoder, lm=args.lm,
                               config=cfg)
     report["held_out_doc_ids"] = sorted(d.id for d in test)
     (Path(args.out) / "train_report.json").write_text(json.dumps(report, indent=2))
-    keys = ("train_cases", "triplets", "threshold", "dev_mean_gain_always",
+    keys = ("train_cases", "triplets", "threshold", "base_encoder_threshold",
+            "dev_mean_gain_base_encoder", "dev_mean_gain_always",
             "dev_mean_gain_selective", "seconds_total")
     print(json.dumps({k: report[k] for k in keys}, indent=2))
     print(f"saved -> {args.out}")

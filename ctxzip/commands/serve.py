@@ -26,6 +26,11 @@ def register(sub: Any) -> None:
     p.add_argument("--preload", default="extractive",
                    help="comma-separated methods whose models load at start-up (default "
                    "extractive; '' = load on first request)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the models (default: $OMP_NUM_THREADS, else torch's)")
+    p.add_argument("--malloc-arena-max", type=int, default=2,
+                   help="cap glibc malloc arenas so pool threads do not each keep freed "
+                   "activations (default 2; 0 = leave the default)")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=_run)
 
@@ -37,11 +42,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.token_file:
         with open(args.token_file, encoding="utf-8") as f:
             token = f.read().strip() or None
+    threads = args.threads
+    if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        threads = int(os.environ["OMP_NUM_THREADS"])
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     preload = tuple(m for m in (x.strip() for x in args.preload.split(",")) if m in methods)
     cfg = ServiceConfig(token=token, max_body_bytes=args.max_body,
                         max_documents=args.max_documents, encoder=args.encoder,
                         abstractive_model=args.abstractive_model, methods=methods,
-                        preload=preload)
+                        preload=preload, threads=threads,
+                        malloc_arena_max=args.malloc_arena_max or None)
     serve(args.host, args.port, cfg, log_level=args.log_level)
     return 0

@@ -33,9 +33,16 @@ from ctxzip.budget import Budget
 from ctxzip.compressor import CompressionResult, TextCompressor, check_budget, ensure_text
 from ctxzip.prompt.extractive import as_documents
 
-__all__ = ["AbstractiveCompressor", "DEFAULT_INSTRUCTION", "DEFAULT_RELEVANCE_QUESTION"]
+__all__ = ["AbstractiveCompressor", "DEFAULT_INSTRUCTION", "SUMMARY_INSTRUCTION",
+           "DEFAULT_RELEVANCE_QUESTION"]
 
 DEFAULT_INSTRUCTION = (
+    "Documents:\n{documents}\n\nQuery: {query}\n\nCopy from the documents, word for word, the "
+    "few sentences that are most relevant to the query (at most {max_words} words). Write "
+    "nothing else. If no sentence is relevant, answer only {marker}."
+)
+#: the first-session prompt (a free summary), kept for comparison and for larger summarisers
+SUMMARY_INSTRUCTION = (
     "Summarize the documents below into a short passage that helps with the query. Keep names, "
     "numbers and technical terms exactly. If the documents are irrelevant to the query, answer "
     "only {marker}.\n\nQuery: {query}\n\nDocuments:\n{documents}"
@@ -55,7 +62,11 @@ class AbstractiveCompressor(TextCompressor):
             chat template), or a loaded model object (then pass ``generation_tokenizer``);
             ``None`` = the offline SmolLM2-135M-Instruct.
         generation_tokenizer: tokenizer of ``model`` when a model object is given.
-        instruction: prompt template with ``{query}``, ``{documents}`` and ``{marker}``.
+        instruction: prompt template with ``{query}``, ``{documents}``, ``{marker}`` and
+            optionally ``{max_words}`` (~0.75 x the output-token cap). The default asks for
+            the relevant sentences copied verbatim: a 135M summariser paraphrases badly, and
+            copying keeps names and code exact (RECOMP's abstractive outputs are largely
+            extractive too); :data:`SUMMARY_INSTRUCTION` is the free-summary prompt.
         irrelevant_marker: what the model answers when nothing is relevant; an answer that
             starts with it becomes an empty context (selective augmentation).
         relevance_threshold: ask the model first whether the documents help; below this
@@ -179,7 +190,8 @@ class AbstractiveCompressor(TextCompressor):
 
         lm, tok = self._load()
         content = self.instruction.format(
-            query=query, documents=self._docs_block(texts), marker=self.irrelevant_marker
+            query=query, documents=self._docs_block(texts), marker=self.irrelevant_marker,
+            max_words=max(1, int(0.75 * int(max_new_tokens))),
         )
         ids = self._prompt_ids(content)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -266,19 +278,17 @@ def _first_ids(tok: Any, words: list[str]) -> list[int]:
 
 
 def _load_generator(name: Any, device: Any) -> tuple[Any, Any]:
-    from ctxzip.models import _canonical, load_causal_lm
-
-    if name is None or _canonical(name) is not None:
-        return load_causal_lm(name, device=device)
     from transformers import AutoConfig
 
-    from ctxzip.models import _from_pretrained, resolve_device
+    from ctxzip.models import causal_lm_path, load_causal_lm, load_pretrained, resolve_device
 
-    cfg = _from_pretrained(AutoConfig, str(name), "model config")
+    if name is None:
+        return load_causal_lm(None, device=device)
+    cfg = load_pretrained(AutoConfig, causal_lm_path(name), "model config")
     if getattr(cfg, "is_encoder_decoder", False):
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-        model = _from_pretrained(AutoModelForSeq2SeqLM, str(name), "seq2seq model")
-        tok = _from_pretrained(AutoTokenizer, str(name), "tokenizer")
+        model = load_pretrained(AutoModelForSeq2SeqLM, str(name), "seq2seq model")
+        tok = load_pretrained(AutoTokenizer, str(name), "tokenizer")
         return model.to(resolve_device(device)).eval(), tok
     return load_causal_lm(name, device=device)

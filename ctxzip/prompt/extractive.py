@@ -199,7 +199,9 @@ class ExtractiveCompressor(TextCompressor):
             :func:`calibrate_threshold`.
         query_prefix: text prepended to the query before encoding (e.g. ``"query: "`` for E5).
         passage_prefix: text prepended to each sentence before encoding.
-        batch_size: encoder batch size.
+        batch_size: encoder batch size. Small batches of length-sorted sentences waste
+            little padding: on one CPU thread 8 encodes five 100-word passages ~2.7x faster
+            than 64 (one code block would pad a whole large batch to 256 tokens).
         max_sentence_chars: longer units are cut at line breaks before scoring.
         device: encoder device (``None`` = CUDA if available else CPU).
         tokenizer: counting tokenizer for budgets and results (default: the target LM's).
@@ -210,7 +212,7 @@ class ExtractiveCompressor(TextCompressor):
     threshold: float | None = None
     query_prefix: str = ""
     passage_prefix: str = ""
-    batch_size: int = 64
+    batch_size: int = 8
     max_sentence_chars: int = 2000
     device: Any = None
     tokenizer: Any = None

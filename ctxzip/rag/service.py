@@ -14,6 +14,16 @@
 * malformed bodies get **422** with a one-line ``error`` message plus pydantic's ``detail``;
 * optional **bearer-token auth** (``token=`` or ``$CTXZIP_TOKEN``) guards ``/v1/compress``;
   ``/healthz`` stays open for load balancers. Tokens are compared in constant time.
+
+Memory (measured for one process serving ``extractive``, see ``docs/rag.md``): ~220 MB is
+``import torch``, ~290 MB the transformers + sentence-transformers imports, 90 MB MiniLM, ~45 MB
+the target LM's tokenizer (token budgets) - only the methods actually requested are loaded, and
+every request shares the one loaded copy (one process; run more processes only for more cores,
+each pays the above). What used to grow under load was the allocator, not the models: each
+thread of the server's pool got its own glibc malloc arena and kept the activations of the
+requests it served. The service therefore caps malloc arenas (``malloc_arena_max``), encodes in
+small batches, sets torch's thread count (``threads``) and returns freed memory to the OS every
+``trim_every`` model requests (default: after each one; a trim costs far less than a request).
 """
 
 import contextlib
@@ -24,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["ServiceConfig", "create_app", "CompressRequest", "METHODS"]
+__all__ = ["ServiceConfig", "create_app", "CompressRequest", "METHODS", "rss_mb"]
 
 METHODS = ("extractive", "abstractive", "truncate", "random")
 
@@ -44,6 +54,10 @@ class ServiceConfig:
         methods: methods this server offers.
         preload: build these methods' compressors at start-up instead of on first request.
         compressors: ready-made compressor objects by method name (tests, embedding apps).
+        threads: torch intra-op threads for the models (``None`` = leave torch's default).
+        malloc_arena_max: cap on glibc malloc arenas (``None`` = leave the default of 8 per
+            core); with the default many pool threads each keep their own freed activations.
+        trim_every: call glibc ``malloc_trim`` after this many model requests (0 = never).
     """
 
     token: str | None = None
@@ -55,6 +69,53 @@ class ServiceConfig:
     methods: tuple[str, ...] = METHODS
     preload: tuple[str, ...] = ()
     compressors: dict[str, Any] = field(default_factory=dict)
+    threads: int | None = None
+    malloc_arena_max: int | None = 2
+    trim_every: int = 1
+
+
+def _glibc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def _tune_process(cfg: "ServiceConfig") -> None:
+    """Process-wide settings that keep one server's memory flat (glibc only; no-op elsewhere)."""
+    if cfg.threads is not None:
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))
+    if cfg.malloc_arena_max:
+        libc = _glibc()
+        if libc is not None:
+            libc.mallopt(-8, int(cfg.malloc_arena_max))  # M_ARENA_MAX
+
+
+def _trim() -> None:
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def rss_mb() -> float | None:
+    """Resident memory of this process in MB (Linux ``/proc``; ``None`` elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
 
 
 def _models() -> Any:
@@ -173,6 +234,11 @@ def create_app(config: ServiceConfig | None = None) -> Any:
         raise ValueError(f"unknown methods {bad}; choose from {METHODS}")
     if cfg.max_body_bytes < 1:
         raise ValueError("max_body_bytes must be >= 1")
+    if cfg.threads is not None and int(cfg.threads) < 1:
+        raise ValueError("threads must be >= 1 or None")
+    if int(cfg.trim_every) < 0:
+        raise ValueError("trim_every must be >= 0")
+    _tune_process(cfg)
     if CompressRequest is None:
         CompressRequest = _models()
     Req = CompressRequest
@@ -291,6 +357,7 @@ def create_app(config: ServiceConfig | None = None) -> Any:
     def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "methods": list(cfg.methods),
                 "loaded": sorted(reg.loaded_at), "requests": stats["requests"],
+                "rss_mb": rss_mb(),
                 "uptime_s": time.time() - stats["started"], "auth": bool(cfg.token)}
 
     @app.post("/v1/compress")
@@ -332,6 +399,10 @@ def create_app(config: ServiceConfig | None = None) -> Any:
             return _err(422, str(e))
         with stats_lock:
             stats["requests"] += 1
+            trim = bool(cfg.trim_every) and stats["requests"] % int(cfg.trim_every) == 0
+        if trim and req.method in ("extractive", "abstractive"):
+            with reg.lock(req.method):
+                _trim()
         out = res.to_dict(with_details=req.details)
         out.pop("kept", None)
         if req.details and req.method == "extractive":

@@ -100,7 +100,12 @@ class ContinuationScorer:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
     def nll(self, contexts: Sequence[str | None], prefix: str, continuation: str) -> np.ndarray:
-        """Mean NLL (nats/token) of ``continuation`` after each context + ``prefix``."""
+        """Mean NLL (nats/token) of ``continuation`` after each context + ``prefix``.
+
+        Rows are **left**-padded (explicit position ids), so the continuation always sits at
+        the end of every row and only its ``len(continuation) + 1`` positions go through the
+        vocabulary projection (``logits_to_keep``) - on a 135M model with a 49k vocabulary
+        that projection is most of the compute of a full-logits forward."""
         import torch
 
         pre, tgt = self.encode(prefix), self.encode(continuation)
@@ -114,6 +119,8 @@ class ContinuationScorer:
         dev = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id or 0
         order = np.argsort([-len(r) for r in rows], kind="stable")
+        n_t = len(tgt)
+        target = torch.tensor(tgt, device=dev)
         with torch.no_grad():
             for b in range(0, len(rows), self.batch_size):
                 idx = order[b: b + self.batch_size]
@@ -121,14 +128,15 @@ class ContinuationScorer:
                 ids = torch.full((len(idx), L), pad, dtype=torch.long)
                 mask = torch.zeros((len(idx), L), dtype=torch.long)
                 for r, i in enumerate(idx):
-                    ids[r, : len(rows[i])] = torch.tensor(rows[i])
-                    mask[r, : len(rows[i])] = 1
-                logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
-                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-                tok_nll = -logp.gather(-1, ids[:, 1:].to(dev).unsqueeze(-1)).squeeze(-1)
-                for r, i in enumerate(idx):
-                    n = len(rows[i])
-                    out[i] = float(tok_nll[r, n - 1 - len(tgt): n - 1].mean())
+                    ids[r, L - len(rows[i]):] = torch.tensor(rows[i])
+                    mask[r, L - len(rows[i]):] = 1
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                                    position_ids=pos.to(dev), logits_to_keep=n_t + 1).logits
+                # logits[:, j] predicts the token after row position L - n_t - 1 + j
+                logp = torch.log_softmax(logits[:, :n_t].float(), dim=-1)
+                tok_nll = -logp.gather(-1, target.expand(len(idx), n_t).unsqueeze(-1)).squeeze(-1)
+                out[idx] = tok_nll.mean(-1).double().cpu().numpy()
         return out
 
 
@@ -285,6 +293,48 @@ def train_encoder(model: Any, triplets: Sequence[tuple[str, str, str]], *, epoch
     return {"steps": steps, "loss_first": losses[0], "loss_last": float(np.mean(losses[-5:]))}
 
 
+def _label_cached(examples: Sequence[LMExample], scorer: ContinuationScorer, ranker: Any,
+                  cfg: TrainConfig, path: Path, *, progress: bool = True,
+                  chunk: int = 8) -> None:
+    """:func:`label_examples` with a per-case cache (JSON lines): the teacher LM is the
+    expensive part, so an interrupted run resumes where it stopped."""
+    import hashlib
+
+    geo = {k: getattr(cfg, k) for k in ("k", "prefix_tokens", "continuation_tokens",
+                                         "query_tokens", "max_sentences")}
+
+    def key(e: LMExample) -> str:
+        raw = json.dumps([geo, e.doc_id, e.prefix, e.continuation, e.passage_ids])
+        return hashlib.sha256(raw.encode()).hexdigest()[:20]
+
+    done: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                d = json.loads(line)
+                done[d["key"]] = d
+    todo = [e for e in examples if key(e) not in done]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(examples), initial=len(examples) - len(todo),
+               desc="labelling sentences (teacher LM)", disable=not progress)
+    for b in range(0, len(todo), chunk):
+        part = todo[b: b + chunk]
+        label_examples(part, scorer, max_sentences=cfg.max_sentences, ranker=ranker,
+                       progress=False)
+        with path.open("a") as f:
+            for e in part:
+                d = {"key": key(e), "doc_id": e.doc_id, "query": e.query,
+                     "sentences": e.sentences, "gains": e.gains, "nll_none": e.nll_none}
+                done[d["key"]] = d
+                f.write(json.dumps(d) + "\n")
+        bar.update(len(part))
+    bar.close()
+    for e in examples:
+        d = done[key(e)]
+        e.sentences, e.gains, e.nll_none = d["sentences"], d["gains"], d["nll_none"]
+
+
 def pydoc_documents(min_chars: int = 1500, max_chars: int = 4000) -> list[Any]:
     """The RECOMP-LM corpus used here: ``pydoc_data.topics`` cut into 1.5-4k-character
     documents (:func:`ctxzip.eval.prose_documents`)."""
@@ -328,14 +378,14 @@ class TrainConfig:
     """
 
     k: int = 5
-    prefix_tokens: int = 96
-    continuation_tokens: int = 32
+    prefix_tokens: int = 128
+    continuation_tokens: int = 64
     query_tokens: int = 32
-    stride: int = 256
-    max_per_doc: int = 1
+    stride: int = 192
+    max_per_doc: int = 2
     max_sentences: int = 12
     num_negatives: int = 5
-    epochs: int = 2
+    epochs: int = 3
     batch_size: int = 32
     lr: float = 2e-5
     warmup_ratio: float = 0.1
@@ -381,18 +431,8 @@ def train_extractive(
     model = copy.deepcopy(base)  # never train the memoised shared encoder in place
     comp0 = ExtractiveCompressor(encoder=model)
     out = Path(output_dir).expanduser()
-    cache = out / "labels.json"  # teacher labels are the expensive part: keep them
-    key = {"config": asdict(cfg), "cases": [[e.doc_id, e.prefix] for e in train_ex]}
-    if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
-        for e, d in zip(train_ex, json.loads(cache.read_text())["examples"]):
-            e.sentences, e.gains, e.nll_none = d["sentences"], d["gains"], d["nll_none"]
-    else:
-        label_examples(train_ex, scorer, max_sentences=cfg.max_sentences, ranker=comp0,
-                       progress=progress)
-        out.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"key": key, "examples": [
-            {"doc_id": e.doc_id, "query": e.query, "sentences": e.sentences, "gains": e.gains,
-             "nll_none": e.nll_none} for e in train_ex]}))
+    out.mkdir(parents=True, exist_ok=True)
+    _label_cached(train_ex, scorer, comp0, cfg, out / "labels.jsonl", progress=progress)
     t_label = time.perf_counter() - t0
     enc_scores = [comp0.score(ex.query, ex.sentences) for ex in train_ex]
     triplets = make_triplets(train_ex, enc_scores, num_negatives=cfg.num_negatives)
@@ -400,15 +440,20 @@ def train_extractive(
                           lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, scale=cfg.scale,
                           seed=cfg.seed, progress=progress)
 
-    # calibrate the selective-augmentation threshold on held-out documents
+    # calibrate the selective-augmentation threshold on held-out documents (for the trained
+    # encoder, and for the starting encoder so it can be used selectively too)
     comp = ExtractiveCompressor(encoder=model)
-    best, gains = [], []
+    best, gains, best0, gains0 = [], [], [], []
     for ex in dev_ex:
         r = comp.compress(ex.passages, query=ex.query, budget=Budget(rate=cfg.budget))
-        nll = scorer.nll([None, r.text], ex.prefix, ex.continuation)
+        r0 = comp0.compress(ex.passages, query=ex.query, budget=Budget(rate=cfg.budget))
+        nll = scorer.nll([None, r.text, r0.text], ex.prefix, ex.continuation)
         best.append(r.details["best_score"])
         gains.append(float(nll[0] - nll[1]))
+        best0.append(r0.details["best_score"])
+        gains0.append(float(nll[0] - nll[2]))
     threshold = calibrate_threshold(best, gains) if dev_ex else None
+    base_threshold = calibrate_threshold(best0, gains0) if dev_ex else None
     comp.threshold = threshold
     report = {
         "config": asdict(cfg),
@@ -419,6 +464,8 @@ def train_extractive(
         "cases_with_positive": sum(1 for e in train_ex if e.gains and max(e.gains) > 0),
         "triplets": len(triplets),
         "threshold": threshold,
+        "base_encoder_threshold": base_threshold,
+        "dev_mean_gain_base_encoder": float(np.mean(gains0)) if gains0 else None,
         "dev_mean_gain_always": float(np.mean(gains)) if gains else None,
         "dev_mean_gain_selective": float(np.mean([g if (threshold is None or s >= threshold)
                                                   else 0.0 for s, g in zip(best, gains)]))
