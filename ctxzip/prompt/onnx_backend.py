@@ -97,7 +97,7 @@ class OnnxClassifier:
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, quantize: bool = True, threads: int | None = None,
-                 alpha: float = 0.8, smooth: tuple[str, ...] = SMOOTH_ALL, fast_gelu: bool = False,
+                 alpha: float = 0.75, smooth: tuple[str, ...] = SMOOTH_ALL, fast_gelu: bool = False,
                  cache: str | os.PathLike | bool | None = None) -> None:
         ort = _require()
         import torch
