@@ -29,6 +29,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 __all__ = [
+    "BatchMappedLayer",
     "EvictedLayer",
     "RaggedLayer",
     "cache_nbytes",
@@ -188,7 +189,25 @@ def _lookup_key_mask(key: torch.Tensor) -> torch.Tensor | None:
     return entry[1]
 
 
-class RaggedLayer(DynamicLayer):
+class BatchMappedLayer(DynamicLayer):
+    """A compressed cache layer whose batch operations (beam reorder, batch select/repeat) apply
+    one tensor function to every per-batch tensor it stores: subclasses implement
+    :meth:`_map_batch` once instead of the three methods."""
+
+    def _map_batch(self, fn: Any) -> None:
+        raise NotImplementedError
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+
+class RaggedLayer(BatchMappedLayer):
     """Head-wise evicted layer stored without padding.
 
     ``flat_keys``/``flat_values``: ``[B, sum_h S_h, d]``; head ``h`` owns rows
@@ -307,18 +326,9 @@ class RaggedLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a compressed cache layer cannot be cropped")
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+    def _map_batch(self, fn: Any) -> None:
         for name in ("flat_keys", "flat_values", "tail_keys", "tail_values"):
-            t = getattr(self, name)
-            setattr(self, name, t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        for name in ("flat_keys", "flat_values", "tail_keys", "tail_values"):
-            setattr(self, name, getattr(self, name)[indices])
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        for name in ("flat_keys", "flat_values", "tail_keys", "tail_values"):
-            setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+            setattr(self, name, fn(getattr(self, name)))
 
 
 # ---------------------------------------------------------------- the "ctxzip_ragged" attention

@@ -32,11 +32,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
 from ..kernels.quant import QuantizedTensor, dequantize, quantize
 from .base import BasePress, LayerContext
-from .cache import _tensor_nbytes
+from .cache import BatchMappedLayer, _tensor_nbytes
 
 __all__ = ["GEARPress", "GEARLayer", "GEARChunk", "gear_compress", "gear_decompress"]
 
@@ -150,7 +149,7 @@ def gear_decompress(chunk: GEARChunk) -> tuple[torch.Tensor, torch.Tensor]:
     return k, v
 
 
-class GEARLayer(DynamicLayer):
+class GEARLayer(BatchMappedLayer):
     """A cache layer holding GEAR-compressed chunks + a full-precision streaming buffer
     (``keys``/``values``). ``update`` appends to the buffer, compresses it when it reaches
     ``buffer`` tokens, and returns the dequantized cache (transient) for attention."""
@@ -267,15 +266,6 @@ class GEARLayer(DynamicLayer):
         self.keys, self.values = fn(self.keys), fn(self.values)
         self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
         self._deq = None
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
 
 @dataclass

@@ -31,11 +31,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
 from ..kernels.quant import SUPPORTED_BITS, QuantizedTensor, dequantize, quantize
 from .base import BasePress, LayerContext
-from .cache import _tensor_nbytes
+from .cache import BatchMappedLayer, _tensor_nbytes
 
 __all__ = ["KIVIPress", "KIVILayer", "rotate_keys"]
 
@@ -63,7 +62,7 @@ def _value_group(d: int, g: int) -> int:
     return max(g, 1)
 
 
-class KIVILayer(DynamicLayer):
+class KIVILayer(BatchMappedLayer):
     """A cache layer: full-precision sinks + quantized middle + full-precision tail.
 
     ``kq``: key chunks (:class:`QuantizedTensor`, pre-RoPE when ``positions`` is set), ``vq``:
@@ -165,15 +164,6 @@ class KIVILayer(DynamicLayer):
                 self.rope = (fn(cos), fn(sin))
         self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
         self.keys, self.values = fn(self.keys), fn(self.values)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
 
 @dataclass

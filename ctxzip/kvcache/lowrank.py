@@ -27,7 +27,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..budget import allocate, topk_indices
 from .base import BasePress, LayerContext, attention_modules
-from .cache import EvictedLayer, _tensor_nbytes
+from .cache import BatchMappedLayer, EvictedLayer, _tensor_nbytes
 from .kivi import rotate_keys
 
 __all__ = ["LowRankPress", "PCACalibration", "LowRankLayer", "calibrate_pca"]
@@ -166,7 +166,7 @@ def default_calibration_texts(n_chars: int = 24_000) -> list[str]:
     return texts
 
 
-class LowRankLayer(DynamicLayer):
+class LowRankLayer(BatchMappedLayer):
     """Cache layer storing PCA coordinates of old tokens + a full-precision recent window.
 
     ``coef_k[h]``: ``[B, T_c, r_k(h)]``; the basis/mean are shared model constants (not counted
@@ -249,15 +249,6 @@ class LowRankLayer(DynamicLayer):
         self.keys, self.values = fn(self.keys), fn(self.values)
         if self.rope is not None and self.rope[0].shape[0] > 1:
             self.rope = (fn(self.rope[0]), fn(self.rope[1]))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
 
 @dataclass
