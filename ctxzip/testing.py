@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["tiny_causal_lm", "tiny_encoder", "tiny_llava", "TINY_FAMILIES"]
+__all__ = ["tiny_causal_lm", "tiny_encoder", "tiny_llava", "TINY_FAMILIES", "random_ids", "prefill_then_decode"]
 
 TINY_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3")
 
@@ -144,3 +144,42 @@ def tiny_llava(
         cfg, attn_implementation=attn_implementation
     )
     return model.eval()
+
+
+def random_ids(batch: int, length: int, seed: int = 0, low: int = 3, high: int = 256) -> Any:
+    """Deterministic random token ids ``[batch, length]`` in ``[low, high)`` (skipping the tiny
+    models' special ids)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high, (batch, length), generator=g)
+
+
+def prefill_then_decode(
+    model: Any,
+    press: Any,
+    ids: Any,
+    new: Any,
+    attention_mask: Any = None,
+    position_ids: Any = None,
+    new_pos: Any = None,
+) -> tuple[Any, Any]:
+    """Prefill ``ids`` into a fresh ``DynamicCache`` (under ``with press(model)`` unless ``press``
+    is ``None``), then run ``new`` on that cache: returns ``(logits of new, cache)``. The KV-press
+    test matrix compares these against the no-press run. ``attention_mask`` covers ``ids``; the
+    decode step's mask extends it with ones."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        if press is None:
+            model(ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache)
+        else:
+            with press(model):
+                model(ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache)
+        am = None
+        if attention_mask is not None:
+            am = torch.cat([attention_mask, torch.ones_like(new)], 1)
+        out = model(new, attention_mask=am, position_ids=new_pos, past_key_values=cache).logits
+    return out, cache

@@ -34,7 +34,7 @@ from ctxzip.kvcache import (
     prefill,
 )
 from ctxzip.kvcache.gear import gear_compress, gear_decompress
-from ctxzip.testing import TINY_FAMILIES, tiny_causal_lm
+from ctxzip.testing import TINY_FAMILIES, prefill_then_decode, random_ids, tiny_causal_lm
 
 T = 48  # context length
 N_NEW = 4
@@ -81,24 +81,10 @@ ALL = EVICTION + ["lowrank"]
 
 
 def _ids(b=1, t=T, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 256, (b, t), generator=g)
+    return random_ids(b, t, seed)
 
 
-def _run(model, press, ids, new, attention_mask=None, position_ids=None, new_pos=None):
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        if press is None:
-            model(ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache)
-        else:
-            with press(model):
-                model(ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=cache)
-        am = None
-        if attention_mask is not None:
-            am = torch.cat([attention_mask, torch.ones_like(new)], 1)
-        out = model(new, attention_mask=am, position_ids=new_pos, past_key_values=cache).logits
-    return out, cache
+_run = prefill_then_decode
 
 
 # ------------------------------------------------------------------ identity at full budget

@@ -26,7 +26,7 @@ from ctxzip.kvcache import (
 )
 from ctxzip.kvcache.base import LayerContext
 from ctxzip.kvcache.evaluate import EVICTION_PRESSES, compress_many, make_press
-from ctxzip.testing import TINY_FAMILIES, tiny_causal_lm
+from ctxzip.testing import TINY_FAMILIES, prefill_then_decode, random_ids, tiny_causal_lm
 
 T = 48
 N_NEW = 4
@@ -62,24 +62,10 @@ NAMES = [
 
 
 def _ids(b=1, t=T, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 256, (b, t), generator=g)
+    return random_ids(b, t, seed)
 
 
-def _run(model, press, ids, new, attention_mask=None, position_ids=None, new_pos=None):
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        if press is None:
-            model(ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache)
-        else:
-            with press(model):
-                model(ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=cache)
-        am = None
-        if attention_mask is not None:
-            am = torch.cat([attention_mask, torch.ones_like(new)], 1)
-        out = model(new, attention_mask=am, position_ids=new_pos, past_key_values=cache).logits
-    return out, cache
+_run = prefill_then_decode
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

@@ -22,7 +22,7 @@ from ctxzip.kvcache import (
     dense_cache_nbytes,
 )
 from ctxzip.kvcache.kivi import rotate_keys
-from ctxzip.testing import TINY_FAMILIES, tiny_causal_lm
+from ctxzip.testing import TINY_FAMILIES, prefill_then_decode, random_ids, tiny_causal_lm
 
 T, N_NEW = 80, 4
 
@@ -33,21 +33,10 @@ def models():
 
 
 def _ids(b=1, t=T, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 256, (b, t), generator=g)
+    return random_ids(b, t, seed)
 
 
-def _run(model, press, ids, new, attention_mask=None):
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        if press is None:
-            model(ids, attention_mask=attention_mask, past_key_values=cache)
-        else:
-            with press(model):
-                model(ids, attention_mask=attention_mask, past_key_values=cache)
-        am = None if attention_mask is None else torch.cat([attention_mask, torch.ones_like(new)], 1)
-        out = model(new, attention_mask=am, past_key_values=cache).logits
-    return out, cache
+_run = prefill_then_decode
 
 
 def _close(out, ref, tol):
