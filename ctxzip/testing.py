@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["tiny_causal_lm", "tiny_encoder", "tiny_llava", "TINY_FAMILIES", "random_ids", "prefill_then_decode"]
+__all__ = ["tiny_causal_lm", "tiny_encoder", "tiny_llava", "TINY_FAMILIES", "random_ids", "prefill_then_decode", "save_tiny_token_classifier"]
 
 TINY_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3")
 
@@ -183,3 +183,29 @@ def prefill_then_decode(
             am = torch.cat([attention_mask, torch.ones_like(new)], 1)
         out = model(new, attention_mask=am, position_ids=new_pos, past_key_values=cache).logits
     return out, cache
+
+
+def save_tiny_token_classifier(directory: Any, seed: int = 0) -> Any:
+    """Save a tiny random ``BertForTokenClassification`` (2 layers, hidden 32, 2 labels) with the
+    packaged MiniLM's real WordPiece tokenizer into ``directory`` and return it as a ``Path``.
+    The classifier weights are scaled up so keep probabilities spread over (0, 1) and percentile
+    thresholds are meaningful. Name the directory ``...bert-base-multilingual-cased...`` to make
+    llmlingua pick ``##`` word merging."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForTokenClassification
+
+    from .models import encoder_path
+
+    tok = AutoTokenizer.from_pretrained(encoder_path())
+    _seed(seed)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=512, num_labels=2)
+    model = BertForTokenClassification(cfg).eval()
+    with torch.no_grad():
+        model.classifier.weight.mul_(30.0)
+    d = Path(directory)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

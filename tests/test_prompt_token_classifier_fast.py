@@ -24,21 +24,9 @@ TEXT = (
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from transformers import AutoTokenizer, BertConfig, BertForTokenClassification
+    from ctxzip.testing import save_tiny_token_classifier
 
-    from ctxzip.models import encoder_path
-
-    tok = AutoTokenizer.from_pretrained(encoder_path())
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=512, num_labels=2)
-    model = BertForTokenClassification(cfg).eval()
-    with torch.no_grad():  # spread the keep probabilities so thresholds are meaningful
-        model.classifier.weight.mul_(30.0)
-    d = tmp_path_factory.mktemp("clf") / "tiny-token-classifier"
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_token_classifier(tmp_path_factory.mktemp("clf") / "tiny-token-classifier")
 
 
 @pytest.fixture(autouse=True)
