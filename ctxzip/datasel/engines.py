@@ -14,12 +14,13 @@ model lazily (datatrove's pattern), e.g. :class:`~ctxzip.datasel.zipfit.ZipFit`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import pickle
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -158,47 +159,32 @@ def _progress(total: int | None, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="doc", disable=not enabled, smoothing=0.1)
 
 
-# ------------------------------------------------------------------------------- local
-_WORKER_STATE: dict[str, Any] = {}
-
-
-def _init_worker(payload: bytes) -> None:
-    _WORKER_STATE.update(pickle.loads(payload))
-
-
-def _pool_score_shard(spec: ShardSpec) -> ShardResult:
-    st = _WORKER_STATE
-    return score_shard(
-        spec,
-        st["scorer"],
-        st["out_dir"],
-        text_field=st["text_field"],
-        id_field=st["id_field"],
-        lengths=st["lengths"],
-        batch_size=st["batch_size"],
-        stage=st["stage"],
-        candidates=st["candidates"],
-    )
-
-
-def _pool_score_texts(texts: list[str]) -> np.ndarray:
-    return np.asarray(_WORKER_STATE["scorer"].score_texts(texts), dtype=np.float64)
-
-
 @dataclass
-class LocalEngine:
-    """Score shards in a local process pool.
+class _ShardJob:
+    """What every worker needs to score a shard: the scorer and :func:`score_shard`'s options."""
 
-    Args:
-        workers: processes (``None``/``0`` = the CPUs this process may use; ``1`` = no pool,
-            everything in this process).
-        start_method: multiprocessing start method (``spawn`` is safe with torch/threads).
-        max_in_flight: shards submitted ahead per worker (bounds memory for in-memory inputs).
+    scorer: Scorer
+    out_dir: str
+    text_field: str = "text"
+    id_field: str | None = "id"
+    lengths: TextLength | None = None
+    batch_size: int = 256
+    stage: str = "scores"
+    candidates: str | None = None
+
+    def score(self, spec: ShardSpec) -> ShardResult:
+        return score_shard(spec, self.scorer, self.out_dir, text_field=self.text_field,
+                           id_field=self.id_field, lengths=self.lengths,
+                           batch_size=self.batch_size, stage=self.stage,
+                           candidates=self.candidates)
+
+
+class _Engine:
+    """Shared driver: skip shards already scored (resume), keep the bar, sort the results.
+
+    Subclasses implement :meth:`_score`, which scores the pending shards and appends one
+    :class:`ShardResult` per shard to ``results``.
     """
-
-    workers: int | None = None
-    start_method: str = "spawn"
-    max_in_flight: int = 2
 
     def run(
         self,
@@ -215,68 +201,101 @@ class LocalEngine:
         stage: str = "scores",
         candidates: str | None = None,
     ) -> list[ShardResult]:
-        workers = self.workers or _default_workers()
+        """Score every shard of ``specs`` into ``out_dir`` (shards already there are skipped).
+
+        ``text_field``/``id_field``/``lengths``/``batch_size``/``stage``/``candidates`` are
+        passed to :func:`score_shard`; ``total`` sizes the progress bar (records).
+        """
+        job = _ShardJob(scorer, out_dir, text_field, id_field, lengths, batch_size, stage,
+                        candidates)
         results: list[ShardResult] = []
-        bar = _progress(total, f"scoring ({scorer.name}, {workers} proc)", progress)
-        if workers == 1:
+        bar = _progress(total, f"scoring ({scorer.name}, {self._label()})", progress)
+
+        def pending() -> Iterator[ShardSpec]:
             for spec in specs:
                 if _is_done(out_dir, spec, stage):
                     results.append(ShardResult(spec.index, spec.size, 0, 0, 0.0, skipped=True))
                     bar.update(spec.size)
-                    continue
-                r = score_shard(spec, scorer, out_dir, text_field=text_field,
-                                id_field=id_field, lengths=lengths, batch_size=batch_size,
-                                stage=stage, candidates=candidates)
-                results.append(r)
-                bar.update(r.records)
-        else:
-            results = self._run_pool(specs, scorer, out_dir, bar, text_field, id_field,
-                                     lengths, batch_size, workers, stage, candidates)
+                else:
+                    yield spec
+
+        def done(r: ShardResult) -> None:
+            results.append(r)
+            bar.update(r.records)
+
+        self._score(pending(), job, done)
         bar.close()
         return sorted(results, key=lambda r: r.index)
 
-    def _run_pool(self, specs: Iterable[ShardSpec], scorer: Scorer, out_dir: str,
-                  bar: Any, text_field: str, id_field: str | None,
-                  lengths: TextLength | None, batch_size: int, workers: int, stage: str,
-                  candidates: str | None) -> list[ShardResult]:
+    def _label(self) -> str:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _score(self, pending: Iterator[ShardSpec], job: _ShardJob,
+               done: Callable[[ShardResult], None]) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------- local
+_WORKER_STATE: dict[str, Any] = {}
+
+
+def _init_worker(payload: bytes) -> None:
+    _WORKER_STATE.update(pickle.loads(payload))
+
+
+def _pool_score_shard(spec: ShardSpec) -> ShardResult:
+    return _WORKER_STATE["job"].score(spec)
+
+
+def _pool_score_texts(texts: list[str]) -> np.ndarray:
+    return np.asarray(_WORKER_STATE["scorer"].score_texts(texts), dtype=np.float64)
+
+
+@dataclass
+class LocalEngine(_Engine):
+    """Score shards in a local process pool.
+
+    Args:
+        workers: processes (``None``/``0`` = the CPUs this process may use; ``1`` = no pool,
+            everything in this process).
+        start_method: multiprocessing start method (``spawn`` is safe with torch/threads).
+        max_in_flight: shards submitted ahead per worker (bounds memory for in-memory inputs).
+    """
+
+    workers: int | None = None
+    start_method: str = "spawn"
+    max_in_flight: int = 2
+
+    def _label(self) -> str:
+        return f"{self.workers or _default_workers()} proc"
+
+    def _score(self, pending: Iterator[ShardSpec], job: _ShardJob,
+               done: Callable[[ShardResult], None]) -> None:
+        workers = self.workers or _default_workers()
+        if workers == 1:
+            for spec in pending:
+                done(job.score(spec))
+            return
         import multiprocessing as mp
 
-        payload = pickle.dumps({
-            "scorer": scorer, "out_dir": out_dir, "text_field": text_field,
-            "id_field": id_field, "lengths": lengths, "batch_size": batch_size,
-            "stage": stage, "candidates": candidates,
-        })
-        results: list[ShardResult] = []
         limit = max(1, self.max_in_flight) * workers
-
-        def pending_specs() -> Any:
-            for spec in specs:
-                if _is_done(out_dir, spec, stage):
-                    results.append(ShardResult(spec.index, spec.size, 0, 0, 0.0, skipped=True))
-                    bar.update(spec.size)
-                    continue
-                yield spec
-
-        it = pending_specs()
+        payload = pickle.dumps({"job": job})
         with ProcessPoolExecutor(workers, mp_context=mp.get_context(self.start_method),
                                  initializer=_init_worker, initargs=(payload,)) as ex:
             running: set = set()
             exhausted = False
             while True:
                 while not exhausted and len(running) < limit:
-                    spec = next(it, None)
+                    spec = next(pending, None)
                     if spec is None:
                         exhausted = True
                         break
                     running.add(ex.submit(_pool_score_shard, spec))
                 if not running:
                     break
-                done, running = wait(running, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    r = fut.result()
-                    results.append(r)
-                    bar.update(r.records)
-        return results
+                finished, running = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    done(fut.result())
 
 
 # --------------------------------------------------------------------------------- ray
@@ -284,21 +303,16 @@ class _RayShardWorker:
     """Ray Data actor: holds the scorer (model loaded once per actor) and scores shards."""
 
     def __init__(self, payload: bytes) -> None:
-        self.state = pickle.loads(payload)
+        self.job: _ShardJob = pickle.loads(payload)
 
     def __call__(self, row: dict) -> dict:
-        spec: ShardSpec = pickle.loads(row["spec"])
-        st = self.state
-        r = score_shard(spec, st["scorer"], st["out_dir"], text_field=st["text_field"],
-                        id_field=st["id_field"], lengths=st["lengths"],
-                        batch_size=st["batch_size"], stage=st["stage"],
-                        candidates=st["candidates"])
+        r = self.job.score(pickle.loads(row["spec"]))
         return {"index": r.index, "records": r.records, "scored": r.scored,
                 "malformed": r.malformed, "seconds": r.seconds}
 
 
 @dataclass
-class RayEngine:
+class RayEngine(_Engine):
     """Score shards with Ray Data (an actor pool of ``workers`` scorers).
 
     Args:
@@ -334,49 +348,26 @@ class RayEngine:
             ray.init(**kwargs)
         return ray
 
-    def run(
-        self,
-        specs: Iterable[ShardSpec],
-        scorer: Scorer,
-        out_dir: str,
-        *,
-        text_field: str = "text",
-        id_field: str | None = "id",
-        lengths: TextLength | None = None,
-        batch_size: int = 256,
-        progress: bool = True,
-        total: int | None = None,
-        stage: str = "scores",
-        candidates: str | None = None,
-    ) -> list[ShardResult]:
+    def _label(self) -> str:
+        return "ray"
+
+    def _score(self, pending: Iterator[ShardSpec], job: _ShardJob,
+               done: Callable[[ShardResult], None]) -> None:
+        items = [{"spec": pickle.dumps(spec)} for spec in pending]
+        if not items:
+            return
         ray = self._init()
-        results: list[ShardResult] = []
-        bar = _progress(total, f"scoring ({scorer.name}, ray)", progress)
-        items = []
-        for spec in specs:
-            if _is_done(out_dir, spec, stage):
-                results.append(ShardResult(spec.index, spec.size, 0, 0, 0.0, skipped=True))
-                bar.update(spec.size)
-            else:
-                items.append({"spec": pickle.dumps(spec)})
-        if items:
-            workers = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-            payload = pickle.dumps({
-                "scorer": scorer, "out_dir": os.path.abspath(out_dir),
-                "candidates": os.path.abspath(candidates) if candidates else None,
-                "text_field": text_field, "id_field": id_field, "lengths": lengths,
-                "batch_size": batch_size, "stage": stage,
-            })
-            ds = ray.data.from_items(items, override_num_blocks=len(items))
-            ds = ds.map(_RayShardWorker, fn_constructor_args=(payload,),
-                        concurrency=min(workers, len(items)), num_cpus=1)
-            for row in ds.iter_rows():
-                r = ShardResult(int(row["index"]), int(row["records"]), int(row["scored"]),
-                                int(row["malformed"]), float(row["seconds"]))
-                results.append(r)
-                bar.update(r.records)
-        bar.close()
-        return sorted(results, key=lambda r: r.index)
+        workers = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        # workers may run elsewhere: give them absolute paths
+        job = dataclasses.replace(
+            job, out_dir=os.path.abspath(job.out_dir),
+            candidates=os.path.abspath(job.candidates) if job.candidates else None)
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map(_RayShardWorker, fn_constructor_args=(pickle.dumps(job),),
+                    concurrency=min(workers, len(items)), num_cpus=1)
+        for row in ds.iter_rows():
+            done(ShardResult(int(row["index"]), int(row["records"]), int(row["scored"]),
+                             int(row["malformed"]), float(row["seconds"])))
 
 
 def _package_root() -> str:
