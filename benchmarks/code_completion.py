@@ -192,6 +192,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--recompute", nargs="*", default=[],
+                    help="methods to recompute for modules already in the cache (the others, and "
+                    "the none/full NLLs, are read from it); the ranking pass is persisted per "
+                    "module next to the cache, so recomputing LongCodeZip variants is cheap")
+    ap.add_argument("--only-cached", action="store_true",
+                    help="with --recompute: skip modules that are not in the cache yet")
     ap.add_argument("--cache-dir", type=Path, default=None,
                     help="per-module results, for resuming (default: <ctxzip cache>/bench/"
                     "code_completion, keyed by the config; '' to disable)")
@@ -222,7 +228,8 @@ def main() -> None:
         if len(cases) >= n_modules:
             break
 
-    cfg = {k: v for k, v in vars(args).items() if k not in ("out", "cache_dir", "quick", "n_modules")}
+    cfg = {k: v for k, v in vars(args).items()
+           if k not in ("out", "cache_dir", "quick", "n_modules", "recompute", "only_cached")}
     cfg["max_context"] = max_context
     cfg_key = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
     if args.cache_dir is None:
@@ -236,11 +243,21 @@ def main() -> None:
         cpath = None
         if cache_dir is not None:
             cpath = cache_dir / f"{case['id'].replace('/', '_').replace(':', '_')}-{cfg_key}.json"
-            if cpath.exists():
+            if cpath.exists() and not args.recompute:
                 rows.append(json.loads(cpath.read_text()))
                 tqdm.write(f"{case['id']}: cached")
                 continue
-        row = run_case(case, args, model, tok, ev, encoder)
+        old = json.loads(cpath.read_text()) if cpath is not None and cpath.exists() else None
+        if old is None and args.only_cached:
+            continue
+        if old is not None and set(args.recompute) <= set(old.get("recomputed", [])):
+            rows.append(old)  # already recomputed with this code
+            tqdm.write(f"{case['id']}: cached (recomputed {', '.join(old['recomputed'])})")
+            continue
+        state = cpath.with_suffix(".state.pt") if cpath is not None else None
+        row = run_case(case, args, model, tok, ev, encoder, old, state)
+        if old is not None:
+            row["recomputed"] = sorted(set(old.get("recomputed", [])) | set(args.recompute))
         rows.append(row)
         if cpath is not None:
             cpath.parent.mkdir(parents=True, exist_ok=True)
@@ -255,7 +272,11 @@ def main() -> None:
 
 
 def run_case(case: dict[str, Any], args: argparse.Namespace, model: Any, tok: Any,
-             ev: Any, encoder: Any) -> dict[str, Any]:
+             ev: Any, encoder: Any, old: dict[str, Any] | None = None,
+             state: Path | None = None) -> dict[str, Any]:
+    """All methods on one case; with ``old`` (a cached row) only ``args.recompute`` methods are
+    run and the rest copied. ``state`` persists the compressor's ranking pass (AMI, hidden
+    states, block scores) so a recompute skips it (its recorded cold cost is reused)."""
     import torch
 
     ctx = case["context"]
@@ -270,7 +291,10 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, model: Any, tok: An
         return total / cnt
 
     t0 = time.time()
-    none, full = nll(None), nll(ctx)
+    if old is not None:
+        none, full = old["nll_none"], old["nll_full"]
+    else:
+        none, full = nll(None), nll(ctx)
     row: dict[str, Any] = {
         k: case[k] for k in ("id", "function", "module_tokens", "context_tokens_uncut",
                              "cut_to_window")
@@ -289,6 +313,15 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, model: Any, tok: An
     rng = np.random.default_rng(args.seed)
     shuffled = [int(i) for i in rng.permutation(len(chunks))]
 
+    def _evaluate(text: str, secs: float, cpu: float) -> dict[str, Any]:
+        n_out = len(ev.encode(text)) if text else 0
+        v = nll(text) if text else none
+        return {
+            "tokens": n_out, "achieved_rate": n_out / n_ctx, "nll": v,
+            "benefit": (none - v) / (none - full) if abs(none - full) > 1e-9 else None,
+            "seconds": secs, "cpu_seconds": cpu,
+        }
+
     common = dict(model=model, tokenizer=tok, fine_ratio=args.fine_ratio, beta=args.beta)
     lcz = CodeCompressor(**common)
     variants: dict[str, tuple[CodeCompressor, dict[str, Any]]] = {
@@ -299,6 +332,14 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, model: Any, tok: An
         adj = CodeCompressor(**common, adjacent_fraction=args.adjacent_fraction)
         variants["longcodezip_adjacent"] = (adj, {"cursor": case["cursor"]})
     rank_cold: tuple[float, float] | None = None  # (wall, cpu) of the shared ranking pass
+    if old is not None:
+        variants = {k: v for k, v in variants.items() if k in args.recompute}
+        if old.get("rank_cold") is not None:
+            rank_cold = tuple(old["rank_cold"])
+    if state is not None and state.exists() and variants:
+        saved = torch.load(state, weights_only=False)
+        lcz._coarse_cache, lcz._base_cache = saved["coarse"], saved["base"]
+        rank_cold = tuple(saved["rank_cold"])
 
     for rate in args.rates:
         b = Budget(rate=rate).resolve(n_ctx)
@@ -318,6 +359,14 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, model: Any, tok: An
                 wall += rank_cold[0] - r.timings.get("rank", 0.0)
                 cpu += rank_cold[1]
             outs[name] = (r.text, wall, cpu)
+        for name, (text, secs, cpu) in outs.items():
+            row["methods"].setdefault(name, {})[str(rate)] = _evaluate(text, secs, cpu)
+        if old is not None:
+            for name, per_rate in old["methods"].items():
+                if name not in args.recompute:
+                    row["methods"].setdefault(name, {})[str(rate)] = per_rate[str(rate)]
+            continue
+        outs = {}
         t, c = time.perf_counter(), time.process_time()
         txt = fit(truncation_nearest(case, tok, b), tok, b)
         outs["truncation_nearest"] = (txt, time.perf_counter() - t, time.process_time() - c)
@@ -331,14 +380,15 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, model: Any, tok: An
                                        emb_cpu + time.process_time() - c)
         outs["no_context"] = ("", 0.0, 0.0)
         for name, (text, secs, cpu) in outs.items():
-            n_out = len(ev.encode(text)) if text else 0
-            v = nll(text) if text else none
-            row["methods"].setdefault(name, {})[str(rate)] = {
-                "tokens": n_out, "achieved_rate": n_out / n_ctx, "nll": v,
-                "benefit": (none - v) / (none - full) if abs(none - full) > 1e-9 else None,
-                "seconds": secs, "cpu_seconds": cpu,
-            }
+            row["methods"].setdefault(name, {})[str(rate)] = _evaluate(text, secs, cpu)
+    if variants and rank_cold is not None and state is not None and lcz._coarse_cache is not None:
+        torch.save({"coarse": lcz._coarse_cache, "base": lcz._base_cache,
+                    "rank_cold": rank_cold}, state)
+    if old is not None:  # keep the cached method order
+        order = [*old["methods"], *(k for k in row["methods"] if k not in old["methods"])]
+        row["methods"] = {k: row["methods"][k] for k in order}
     row["rank_seconds_cold"] = rank_cold[0] if rank_cold else None
+    row["rank_cold"] = list(rank_cold) if rank_cold else None
     row["module_seconds"] = time.time() - t0
     return row
 

@@ -75,6 +75,19 @@ def test_raw_values_and_reference_rule_run_within_budget(tiny, src):
     assert 0 < r.compressed_tokens <= b.resolve(r.original_tokens)
 
 
+def test_coarse_overflow_keeps_a_prefix_of_the_ranking(tiny, src):
+    b = Budget(rate=0.25)
+    r = _cc(tiny).compress(src, query="def wrap(text):", budget=b)
+    kept, rank = r.details["coarse_kept"], r.details["ranking"]
+    assert set(kept) == set(rank[: len(kept)])  # no lower-ranked chunk fills a gap
+    assert 0 < r.compressed_tokens <= b.resolve(r.original_tokens)
+    assert len(kept) < len(rank)
+    r2 = _cc(tiny, coarse_overflow=False).compress(src, query="def wrap(text):", budget=b)
+    assert 0 < r2.compressed_tokens <= b.resolve(r2.original_tokens)
+    ro = _cc(tiny).compress(src, query="def wrap(text):", budget=b, rank_only=True)
+    assert 0 < ro.compressed_tokens <= b.resolve(ro.original_tokens)
+
+
 def test_adjacent_chunks_kept_whole_near_cursor(tiny, src):
     cursor = src.index("def dedent(")
     b = Budget(rate=0.25)
@@ -98,7 +111,7 @@ def test_adjacent_chunks_kept_whole_near_cursor(tiny, src):
 
 def test_bad_options(tiny, src):
     for kw in ({"block_values": "x"}, {"spike_rule": "x"}, {"adjacent_fraction": 1.5},
-               {"adjacent_fraction": -0.1}):
+               {"adjacent_fraction": -0.1}, {"coarse_overflow": "yes"}):
         with pytest.raises(ValueError):
             _cc(tiny, **kw)
     cc = _cc(tiny, adjacent_fraction=0.5)

@@ -42,7 +42,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--block-values", choices=["normalized", "raw"], default="normalized",
                    help="knapsack value of a block: AMI min-max normalised within its function "
                    "(paper, default) or the raw AMI (reference code)")
-    p.add_argument("--spike-rule", choices=["paper", "reference"], default="paper",
+    p.add_argument("--spike-rule", choices=["paper", "reference"], default="reference",
                    help="block boundary test (see docs/code.md)")
     p.add_argument("--cursor-line", type=int, default=None,
                    help="1-based line the model continues from (e.g. a completion point); "

@@ -29,8 +29,10 @@ passes as well.
 Where the reference code and the paper differ (see ``docs/code.md``):
 
 * coarse budget - the paper's ``B / R_fine`` (``fine_ratio``) is used; the reference code selects
-  ``rate * N + 100`` tokens of functions, lets the last one overflow, and hard-truncates the
-  prompt afterwards. Here the final text never exceeds the budget.
+  ``rate * N + 100`` tokens of functions and keeps only ``fine_ratio`` of them after the fine
+  stage (so its output is ~``fine_ratio`` of the budget). As in the reference, functions are
+  taken strictly in AMI order and the one crossing the coarse budget is kept
+  (``coarse_overflow``); the fine stage and the final render keep the text within the budget.
 * block boundaries - the paper's rule (a spike is a local maximum whose perplexity exceeds
   ``mean + alpha * std``); the reference code compares the *differences* to the neighbours with
   a threshold computed on the values. As in the reference code, the spike line ends its block.
@@ -284,16 +286,29 @@ class CodeCompressor(TextCompressor):
             ``"raw"`` (reference code: the raw AMI ``PPL(q) - PPL(q | block)``; blocks with
             AMI <= 0 are never chosen, so the budget is often left unused unless
             ``fill_budget``).
-        spike_rule: block boundaries. ``"paper"``: a line whose perplexity is a local maximum
-            above ``mean + alpha * std``; ``"reference"``: the reference code's rule (the
-            line's *rise* over a neighbour must reach ``mean + alpha * std`` of the values,
-            which yields fewer, larger blocks).
+        spike_rule: block boundaries. ``"reference"`` (default; the authors' code
+            ``EntropyChunking.find_ppl_spikes_adaptive``, which produced the paper's numbers): a
+            local maximum whose *rise* over a neighbour reaches ``mean + alpha * std`` of the
+            line perplexities - few, large blocks (whole loops/branches). ``"paper"``: the
+            paper's wording, a local maximum whose value exceeds ``mean + alpha * std`` - about
+            any local maximum above the mean is a boundary, so the knapsack picks among short fragments
+            whose AMI a small model cannot tell apart (on the benchmark it pruned the bodies of
+            the best-ranked functions; see ``docs/code.md``).
         adjacent_fraction: only used when ``compress(..., cursor=...)`` gives the position the
             model will continue from (e.g. the hole of a code completion). This fraction of
             the budget is first spent on the whole chunks nearest the cursor (by line
             distance), which are kept as they are; the paper's two stages fill the rest.
             ``0`` (default) = the paper's method, which ignores position. Not in the paper
             (see ``docs/code.md``).
+        coarse_overflow: how the coarse stage of the full method fills ``budget / fine_ratio``.
+            ``True`` (default, reference code ``control_context_budget``): chunks are taken
+            strictly in AMI order until the coarse budget is reached; the chunk that crosses it
+            is kept too (the fine stage prunes to the real budget anyway) and selection stops.
+            ``False``: a chunk that does not fit is skipped and smaller, lower-ranked chunks
+            fill the gap. Skipping drags small low-AMI chunks (kept whole by
+            ``min_lines_for_fine``) into the fine stage, where they also stretch the min-max
+            normalised AMI that sets every function's rate. ``rank_only`` always skips (its
+            output must fit the budget as whole chunks).
         rank_only: coarse stage only (whole chunks under the full budget).
         max_chunk_tokens: chunks longer than this are cut into pieces before ranking (so one
             giant function can still be partly kept by the coarse stage).
@@ -314,8 +329,9 @@ class CodeCompressor(TextCompressor):
     preserve_comments_returns: bool = False
     fill_budget: bool = True
     block_values: str = "normalized"
-    spike_rule: str = "paper"
+    spike_rule: str = "reference"
     adjacent_fraction: float = 0.0
+    coarse_overflow: bool = True
     rank_only: bool = False
     max_chunk_tokens: int = 1024
     max_line_chars: int = 400
@@ -348,6 +364,8 @@ class CodeCompressor(TextCompressor):
                 and 0.0 <= self.adjacent_fraction <= 1.0):
             raise ValueError(
                 f"adjacent_fraction must satisfy 0 <= x <= 1, got {self.adjacent_fraction!r}")
+        if not isinstance(self.coarse_overflow, bool):
+            raise ValueError(f"coarse_overflow must be a bool, got {self.coarse_overflow!r}")
         normalize_language(self.language)  # raises on an unknown name
         if self.model is not None and not isinstance(self.model, str) and self.tokenizer is None:
             raise ValueError("pass tokenizer=... together with a loaded model")
@@ -423,7 +441,7 @@ class CodeCompressor(TextCompressor):
         q = (query or "").strip()
         q_ids = scorer.encode(q) if q else []
         need_hidden = not rank_only
-        key = (hash(text), text, q, lang)
+        key = (len(text), text, q, lang)  # process-independent (the memo may be persisted)
         cached = self._coarse_cache
         if cached is not None and cached[0] == key and (cached[1]["hidden"] or not need_hidden):
             co = cached[1]  # same text and query as the last call: reuse the ranking pass
@@ -463,8 +481,13 @@ class CodeCompressor(TextCompressor):
         kept_chunks: list[int] = []
         used = 0
         adjacent = self._adjacent_chunks(text, units, chunks, sizes, cursor, unit_target)
+        overflow = self.coarse_overflow and not rank_only
         for i in [*adjacent, *order]:
-            if i not in kept_chunks and used + sizes[i] <= coarse_cap:
+            if i in kept_chunks:
+                continue
+            if overflow and used >= coarse_cap:
+                break  # reference: selection stops once the coarse budget is reached
+            if used + sizes[i] <= coarse_cap or overflow:
                 kept_chunks.append(int(i))
                 used += int(sizes[i])
         kept_chunks.sort()
