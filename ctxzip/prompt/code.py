@@ -289,11 +289,10 @@ class CodeCompressor(TextCompressor):
         spike_rule: block boundaries. ``"reference"`` (default; the authors' code
             ``EntropyChunking.find_ppl_spikes_adaptive``, which produced the paper's numbers): a
             local maximum whose *rise* over a neighbour reaches ``mean + alpha * std`` of the
-            line perplexities - few, large blocks (whole loops/branches). ``"paper"``: the
-            paper's wording, a local maximum whose value exceeds ``mean + alpha * std`` - about
-            any local maximum above the mean is a boundary, so the knapsack picks among short fragments
-            whose AMI a small model cannot tell apart (on the benchmark it pruned the bodies of
-            the best-ranked functions; see ``docs/code.md``).
+            line perplexities - few, large blocks. ``"paper"``: the paper's wording, a local
+            maximum whose value exceeds ``mean + alpha * std`` - many short blocks, whose AMI a
+            small model cannot tell apart (on the benchmark it pruned the bodies of the
+            best-ranked functions; see ``docs/code.md``).
         adjacent_fraction: only used when ``compress(..., cursor=...)`` gives the position the
             model will continue from (e.g. the hole of a code completion). This fraction of
             the budget is first spent on the whole chunks nearest the cursor (by line
