@@ -198,6 +198,8 @@ def main() -> None:
                     "module next to the cache, so recomputing LongCodeZip variants is cheap")
     ap.add_argument("--only-cached", action="store_true",
                     help="with --recompute: skip modules that are not in the cache yet")
+    ap.add_argument("--only-uncached", action="store_true",
+                    help="skip modules that are in the cache already")
     ap.add_argument("--cache-dir", type=Path, default=None,
                     help="per-module results, for resuming (default: <ctxzip cache>/bench/"
                     "code_completion, keyed by the config; '' to disable)")
@@ -229,7 +231,8 @@ def main() -> None:
             break
 
     cfg = {k: v for k, v in vars(args).items()
-           if k not in ("out", "cache_dir", "quick", "n_modules", "recompute", "only_cached")}
+           if k not in ("out", "cache_dir", "quick", "n_modules", "recompute", "only_cached",
+                        "only_uncached")}
     cfg["max_context"] = max_context
     cfg_key = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
     if args.cache_dir is None:
@@ -248,7 +251,7 @@ def main() -> None:
                 tqdm.write(f"{case['id']}: cached")
                 continue
         old = json.loads(cpath.read_text()) if cpath is not None and cpath.exists() else None
-        if old is None and args.only_cached:
+        if (old is None and args.only_cached) or (old is not None and args.only_uncached):
             continue
         if old is not None and set(args.recompute) <= set(old.get("recomputed", [])):
             rows.append(old)  # already recomputed with this code
@@ -256,8 +259,9 @@ def main() -> None:
             continue
         state = cpath.with_suffix(".state.pt") if cpath is not None else None
         row = run_case(case, args, model, tok, ev, encoder, old, state)
-        if old is not None:
-            row["recomputed"] = sorted(set(old.get("recomputed", [])) | set(args.recompute))
+        if args.recompute:  # rows of this code version (skipped by later recomputes)
+            done = old.get("recomputed", []) if old is not None else []
+            row["recomputed"] = sorted(set(done) | set(args.recompute))
         rows.append(row)
         if cpath is not None:
             cpath.parent.mkdir(parents=True, exist_ok=True)
