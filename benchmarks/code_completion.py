@@ -198,6 +198,8 @@ def main() -> None:
                     "module next to the cache, so recomputing LongCodeZip variants is cheap")
     ap.add_argument("--only-cached", action="store_true",
                     help="with --recompute: skip modules that are not in the cache yet")
+    ap.add_argument("--from-cache", action="store_true",
+                    help="only summarise the modules already in the cache into --out")
     ap.add_argument("--only-uncached", action="store_true",
                     help="skip modules that are in the cache already")
     ap.add_argument("--cache-dir", type=Path, default=None,
@@ -215,6 +217,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok = load_causal_lm(args.model)
     window = int(getattr(model.config, "max_position_embeddings", 8192) or 8192)
+    if args.from_cache:  # summarise the cached modules of this config (no LM work)
+        _write(args, _cached_rows(args, max_context, n_modules), time.time(), window)
+        return
     ev = ContextEvaluator(model, tok)
     encoder = load_encoder()
 
@@ -230,16 +235,7 @@ def main() -> None:
         if len(cases) >= n_modules:
             break
 
-    cfg = {k: v for k, v in vars(args).items()
-           if k not in ("out", "cache_dir", "quick", "n_modules", "recompute", "only_cached",
-                        "only_uncached")}
-    cfg["max_context"] = max_context
-    cfg_key = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
-    if args.cache_dir is None:
-        from ctxzip.models import cache_dir as ctxzip_cache
-
-        args.cache_dir = ctxzip_cache() / "bench" / "code_completion"
-    cache_dir = args.cache_dir if str(args.cache_dir) not in ("", ".") else None
+    cfg_key, cache_dir = _cache_key(args, max_context)
     rows = []
     t_start = time.time()
     for case in tqdm(cases, desc="modules"):
@@ -273,6 +269,33 @@ def main() -> None:
                        if v[last]["benefit"] is not None) + f" ({row['module_seconds']:.0f}s)")
         _write(args, rows, t_start, window)
     _write(args, rows, t_start, window)
+
+
+def _cache_key(args: argparse.Namespace, max_context: int) -> tuple[str, Path | None]:
+    cfg = {k: v for k, v in vars(args).items()
+           if k not in ("out", "cache_dir", "quick", "n_modules", "recompute", "only_cached",
+                        "only_uncached", "from_cache")}
+    cfg["max_context"] = max_context
+    cfg_key = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+    if args.cache_dir is None:
+        from ctxzip.models import cache_dir as ctxzip_cache
+
+        args.cache_dir = ctxzip_cache() / "bench" / "code_completion"
+    cache_dir = args.cache_dir if str(args.cache_dir) not in ("", ".") else None
+    return cfg_key, cache_dir
+
+
+def _cached_rows(args: argparse.Namespace, max_context: int, n: int) -> list[dict[str, Any]]:
+    key, cache_dir = _cache_key(args, max_context)
+    if cache_dir is None:
+        raise SystemExit("--from-cache needs a cache directory")
+    files = sorted(cache_dir.glob(f"*-{key}.json"))
+    rows = [json.loads(p.read_text()) for p in files][:n]
+    if args.recompute:
+        stale = [r["id"] for r in rows if not set(args.recompute) <= set(r.get("recomputed", []))]
+        if stale:
+            raise SystemExit(f"not recomputed yet: {', '.join(stale)}")
+    return rows
 
 
 def run_case(case: dict[str, Any], args: argparse.Namespace, model: Any, tok: Any,
