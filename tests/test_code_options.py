@@ -134,7 +134,7 @@ def test_cli_cursor_options(tiny, tmp_path, capsys, src):
     line = src[: src.index("def dedent(")].count("\n") + 1
     rc = main(["code", str(f), "-q", "def dedent(text):", "--rate", "0.25", "--json",
                "--model", str(mdir), "--cursor-line", str(line), "--adjacent-fraction", "0.5",
-               "--block-values", "raw", "--spike-rule", "reference"])
+               "--block-values", "raw", "--spike-rule", "paper", "--no-coarse-overflow"])
     assert rc == 0
     d = json.loads(capsys.readouterr().out)
     assert 0 < d["compressed_tokens"] <= d["original_tokens"] // 4 + 1

@@ -44,6 +44,10 @@ def register(subparsers: Any) -> None:
                    "(paper, default) or the raw AMI (reference code)")
     p.add_argument("--spike-rule", choices=["paper", "reference"], default="reference",
                    help="block boundary test (see docs/code.md)")
+    p.add_argument("--no-coarse-overflow", dest="coarse_overflow", action="store_false",
+                   help="coarse stage skips a chunk that does not fit and back-fills with "
+                   "smaller lower-ranked ones (default: stop at the chunk crossing the coarse "
+                   "budget, as the reference code)")
     p.add_argument("--cursor-line", type=int, default=None,
                    help="1-based line the model continues from (e.g. a completion point); "
                    "used with --adjacent-fraction")
@@ -81,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     cc = CodeCompressor(
         model=args.model, language=args.language, fine_ratio=args.fine_ratio, beta=args.beta,
         alpha=args.alpha, block_values=args.block_values, spike_rule=args.spike_rule,
-        adjacent_fraction=args.adjacent_fraction, device=args.device, show_progress=args.progress,
+        adjacent_fraction=args.adjacent_fraction, coarse_overflow=args.coarse_overflow,
+        device=args.device, show_progress=args.progress,
     )
     cursor = None
     if args.cursor_line is not None:
