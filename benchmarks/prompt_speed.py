@@ -18,7 +18,7 @@ Both sides use the same torch thread count (``--threads``, default 2); ONNX Runt
 number of intra-op threads. The one-time ONNX conversion (cached on disk afterwards) is timed
 separately as ``setup_seconds`` and not counted in words/s.
 
-    python benchmarks/prompt_speed.py            # 2k, 10k (3 reps), 50k words (2 reps): ~5 min idle
+    python benchmarks/prompt_speed.py            # 2k, 10k (5 reps), 50k words (2 reps): ~5-6 min idle
     python benchmarks/prompt_speed.py --quick    # 2k, 10k words, 1 repetition
 """
 
@@ -127,7 +127,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sizes", type=int, nargs="*", default=None)
-    ap.add_argument("--reps", type=int, default=None, help="repetitions per size (default 3, 2 for >= 50k words)")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions per size (default 5, 2 for >= 50k words)")
     ap.add_argument("--methods", nargs="*", default=["exact", "fast-onnx-int8", "fast-bf16"],
                     help="ctxzip rows: exact, fast-onnx-int8, fast-onnx, fast-bf16, fast-int8")
     ap.add_argument("--rate", type=float, default=0.33)
@@ -143,7 +143,7 @@ def main() -> None:
     def reps_for(n: int) -> int:
         if args.reps:
             return args.reps
-        return 1 if args.quick else (2 if n >= 50000 else 3)
+        return 1 if args.quick else (2 if n >= 50000 else 5)
 
     import tiktoken
     import torch

@@ -136,3 +136,92 @@ def test_fast_compressor_pickles_without_session(tiny_dir):
     assert d["_ort"] is None and d["_clf"] is None
     c2 = pickle.loads(pickle.dumps(c))
     assert c2.fast == "onnx-int8" and c2._ort is None
+
+
+def _tiny_model(tiny_dir):
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    return AutoModelForTokenClassification.from_pretrained(tiny_dir).eval(), AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def _torch_probs(model, seq):
+    with torch.inference_mode():
+        return torch.softmax(model(input_ids=torch.tensor([seq])).logits, -1)[0, :, 1].numpy()
+
+
+@pytest.mark.parametrize("kw", [
+    dict(attention="mha"), dict(attention="fused"), dict(attention="mha", split_layer_norm=False, unpadded=False),
+])
+def test_onnx_graph_shapes_keep_fp32_outputs(tiny_dir, kw, tmp_path):
+    """Every graph layout (MHA + packed QKV, fused Attention, no mask, split layer norms) computes
+    the same fp32 function as the torch model."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from ctxzip.prompt.onnx_backend import OnnxClassifier
+
+    model, tok = _tiny_model(tiny_dir)
+    oc = OnnxClassifier(model, tok, quantize=False, threads=1, cache=tmp_path, **kw)
+    ops = [n.op_type for n in onnx.load(str(oc.path)).graph.node]
+    if kw.get("split_layer_norm", True):
+        assert "SkipLayerNormalization" not in ops and "LayerNormalization" not in ops
+    if kw["attention"] == "mha":
+        assert "MultiHeadAttention" in ops and "Attention" not in ops
+        if kw.get("unpadded", True):
+            mha = [n for n in onnx.load(str(oc.path)).graph.node if n.op_type == "MultiHeadAttention"]
+            assert all(len(n.input) <= 4 or n.input[4] == "" for n in mha)  # no key padding mask
+            assert ops.count("Split") == len(mha)  # one packed QKV product per layer
+    else:
+        assert "Attention" in ops
+    rng = np.random.default_rng(1)
+    for n in (5, 37):
+        seq = [101, *rng.integers(1000, 20000, n).tolist(), 102]
+        p = oc(np.asarray([seq]))[0]
+        assert np.abs(p - _torch_probs(model, seq)).max() < 1e-4
+
+
+def test_onnx_int8_keeps_embeddings_and_head_fp32(tiny_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from ctxzip.prompt.onnx_backend import OnnxClassifier
+
+    model, tok = _tiny_model(tiny_dir)
+    g = onnx.load(str(OnnxClassifier(model, tok, threads=1, cache=tmp_path).path)).graph
+    ops = [n.op_type for n in g.node]
+    assert "EmbedLayerNormalization" in ops and "QEmbedLayerNormalization" not in ops
+    assert ops.count("MatMul") == 1  # the classifier head; every other product is int8
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    g2 = onnx.load(str(OnnxClassifier(model, tok, threads=1, cache=tmp_path, fp32=()).path)).graph
+    ops2 = [n.op_type for n in g2.node]
+    assert "QEmbedLayerNormalization" in ops2 and "MatMul" not in ops2
+
+
+def test_unpadded_graph_runs_padded_batches_row_by_row(tiny_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from ctxzip.prompt.onnx_backend import OnnxClassifier
+
+    model, tok = _tiny_model(tiny_dir)
+    oc = OnnxClassifier(model, tok, quantize=False, threads=1, cache=tmp_path)
+    rng = np.random.default_rng(2)
+    seqs = [[101, *rng.integers(1000, 20000, n).tolist(), 102] for n in (20, 6)]
+    x = np.zeros((2, 22), dtype=np.int64)
+    m = np.zeros_like(x)
+    for r, s in enumerate(seqs):
+        x[r, : len(s)] = s
+        m[r, : len(s)] = 1
+    out = oc(x, m)
+    for r, s in enumerate(seqs):
+        assert np.abs(out[r, : len(s)] - _torch_probs(model, s)).max() < 1e-4
+        assert (out[r, len(s):] == 0).all()
+
+
+def test_onnx_backend_bad_options(tiny_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from ctxzip.prompt.onnx_backend import OnnxClassifier
+
+    model, tok = _tiny_model(tiny_dir)
+    with pytest.raises(ValueError, match="attention"):
+        OnnxClassifier(model, tok, attention="flash", cache=tmp_path)
+    with pytest.raises(ValueError, match="fp32"):
+        OnnxClassifier(model, tok, fp32=("ffn",), cache=tmp_path)
