@@ -451,6 +451,7 @@ def train_extractive(
     # calibrate the selective-augmentation threshold on held-out documents (for the trained
     # encoder, and for the starting encoder so it can be used selectively too)
     comp = ExtractiveCompressor(encoder=model)
+    comp0 = ExtractiveCompressor(encoder=base)  # the untrained encoder (``model`` was trained in place)
     best, gains, best0, gains0 = [], [], [], []
     for ex in dev_ex:
         r = comp.compress(ex.passages, query=ex.query, budget=Budget(rate=cfg.budget))
