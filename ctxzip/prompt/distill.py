@@ -325,7 +325,9 @@ def teacher_labels(
         rec = {"text": text, "ids": ids, "word_of_token": wid, "index": si,
                # the components, so targets can be re-mixed without relabelling (mix_targets)
                "word_rank": ranks / max(len(ws) - 1, 1), "sent_rank": _sentence_rank(text, lm_offs, scores, spans),
-               "word_score": ws.astype(np.float32)}
+               "word_score": ws.astype(np.float32),
+               "sent_score": _sentence_rank(text, lm_offs, scores, spans, rank=False).astype(np.float32),
+               "lm_scores": scores.astype(np.float32), "lm_offsets": lm_offs.astype(np.int32)}
         rec["target"] = _mix(rec, sentence_weight, soft, teacher_rate)
         out.append(rec)
     return out
@@ -353,9 +355,12 @@ def mix_targets(
     return out
 
 
-def _sentence_rank(text: str, lm_offs: np.ndarray, lm_scores: np.ndarray, spans: np.ndarray) -> np.ndarray:
+def _sentence_rank(
+    text: str, lm_offs: np.ndarray, lm_scores: np.ndarray, spans: np.ndarray, *, rank: bool = True
+) -> np.ndarray:
     """Per word: percentile rank (0..1) among the text's sentences of its sentence's mean LM
-    token score (sentences and token-to-sentence mapping as in the teacher's coarse stage)."""
+    token score (sentences and token-to-sentence mapping as in the teacher's coarse stage);
+    with ``rank=False`` the mean score itself."""
     from ctxzip.prompt.perplexity import split_sentences
 
     sents = split_sentences(text)
@@ -365,11 +370,13 @@ def _sentence_rank(text: str, lm_offs: np.ndarray, lm_scores: np.ndarray, spans:
     cnt = np.bincount(tok_sent, minlength=n)
     mean = np.bincount(tok_sent, weights=lm_scores, minlength=n) / np.maximum(cnt, 1)
     has = cnt > 0
+    word_sent = np.clip(np.searchsorted(starts, spans[:, 0], side="right") - 1, 0, n - 1)
+    if not rank:
+        return np.where(has, mean, float(lm_scores.mean()) if lm_scores.size else 0.0)[word_sent]
     rank = np.full(n, 0.5)
     if has.sum() > 1:
         r = np.argsort(np.argsort(mean[has], kind="stable"), kind="stable")
         rank[has] = r / (has.sum() - 1)
-    word_sent = np.clip(np.searchsorted(starts, spans[:, 0], side="right") - 1, 0, n - 1)
     return rank[word_sent]
 
 
@@ -753,7 +760,7 @@ def distill_default(
     n_done = 0
     label_seconds = 0.0
     # the cache stores the teacher's word and sentence ranks; sentence_weight mixes them later
-    settings = {"teacher_rate": teacher_rate, "format": 2}
+    settings = {"teacher_rate": teacher_rate, "format": 3}
     if labels_cache is not None and Path(labels_cache).is_file():
         import pickle
 
