@@ -61,3 +61,43 @@ def test_distill_cli_pairs(tmp_path, capsys):
                "--epochs", "1", "--train-layers", "1", "--no-progress"])
     assert rc == 0
     assert (tmp_path / "a" / "partial.safetensors").is_file()
+
+
+def test_compress_sentence_filter_flag(tiny_clf, tmp_path, capsys):
+    f = tmp_path / "in.txt"
+    f.write_text("The assert statement inserts debugging assertions. Identifiers are names.\n" * 6)
+    # a --model classifier: the sentence stage is off unless asked for
+    assert main(["compress", str(f), "--rate", "0.5", "--model", str(tiny_clf), "--json", "--details"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["settings"] == {"method": "lingua2", "sentence_filter": False, "token_budget_ratio": None}
+    assert "kept_sentences" not in d["details"]
+    assert main(["compress", str(f), "--rate", "0.5", "--model", str(tiny_clf), "--sentence-filter",
+                 "--token-budget-ratio", "1.2", "--json", "--details"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["settings"] == {"method": "lingua2", "sentence_filter": True, "token_budget_ratio": 1.2}
+    assert d["details"]["sentences"] == 12 and 0 < d["details"]["kept_sentences"] <= 12
+    assert d["compressed_tokens"] <= int(0.5 * d["original_tokens"])
+    # bad combinations and values are clear errors
+    assert main(["compress", str(f), "--model", str(tiny_clf), "--sentence-filter", "--mode", "chunk"]) == 2
+    assert "--mode global" in capsys.readouterr().err
+    assert main(["compress", str(f), "--model", str(tiny_clf), "--sentence-filter", "--token-budget-ratio", "0.5"]) == 2
+    assert "token_budget_ratio" in capsys.readouterr().err
+    assert main(["compress", str(f), "--method", "perplexity-sentence", "--sentence-filter"]) == 2
+
+
+def test_compress_perplexity_sentence_filter(tmp_path, capsys):
+    from ctxzip.models import load_tokenizer
+    from ctxzip.testing import tiny_causal_lm
+
+    tok = load_tokenizer()
+    lm_dir = tmp_path / "lm"
+    tiny_causal_lm("llama", vocab_size=len(tok)).save_pretrained(lm_dir)
+    tok.save_pretrained(lm_dir)
+    f = tmp_path / "in.txt"
+    f.write_text("The assert statement inserts debugging assertions. Identifiers are names.\n" * 6)
+    assert main(["compress", str(f), "--rate", "0.5", "--method", "perplexity", "--model", str(lm_dir),
+                 "--sentence-filter", "--json", "--details"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["settings"] == {"method": "perplexity", "sentence_filter": True, "token_budget_ratio": 1.0}
+    assert d["details"]["sentences"] == 12 and d["details"]["kept_sentences"] >= 1
+    assert d["compressed_tokens"] == int(0.5 * d["original_tokens"])

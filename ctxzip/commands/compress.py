@@ -22,6 +22,16 @@ def register(sub: Any) -> None:
     p.add_argument("--model", default=None, help="token classifier (lingua2) or causal LM (perplexity) id/path; default: offline defaults")
     p.add_argument("--mode", choices=["global", "chunk"], default="global", help="lingua2 selection: global budget or the anchor's per-chunk percentile")
     p.add_argument("--fast", action="store_true", help="lingua2: fast approximate inference (ONNX Runtime int8 if installed, else torch bf16/int8)")
+    p.add_argument(
+        "--sentence-filter", action=argparse.BooleanOptionalAction, default=None,
+        help="sentence-level coarse stage first (LLMLingua's budget controller): rank sentences, keep the best up to "
+             "--token-budget-ratio x the budget, then trim words/tokens to the exact budget. Default: on for lingua2 "
+             "with the distilled default classifier (it is how that classifier was distilled), off for a --model "
+             "classifier and for perplexity (anchor default); `--method perplexity --sentence-filter` is the "
+             "distilled classifier's teacher",
+    )
+    p.add_argument("--token-budget-ratio", type=float, default=1.0,
+                   help="with --sentence-filter: sentence-stage budget as a multiple of the final budget (default 1.0; the anchor's is 1.4)")
     p.add_argument("--force-tokens", default="", help="lingua2: comma-separated words always kept")
     p.add_argument("--json", action="store_true", help="print a JSON object (text, tokens, rate, ratio, timings)")
     p.add_argument("--details", action="store_true", help="with --json: include method details and the keep mask")
@@ -52,15 +62,27 @@ def _run(args: argparse.Namespace) -> int:
         from ctxzip.prompt import TokenClassifierCompressor
 
         force = tuple(t for t in args.force_tokens.split(",") if t) if args.force_tokens else ()
-        comp: Any = TokenClassifierCompressor(model=args.model, mode=args.mode, fast=args.fast, force_tokens=force)
+        if args.sentence_filter and args.mode != "global":
+            raise ValueError("--sentence-filter needs --mode global")
+        comp: Any = TokenClassifierCompressor(model=args.model, mode=args.mode, fast=args.fast, force_tokens=force,
+                                              sentence_filter=args.sentence_filter,
+                                              token_budget_ratio=args.token_budget_ratio)
+        sentence_filter = comp.mode == "global" and (args.sentence_filter if args.sentence_filter is not None else args.model is None)
     else:
         from ctxzip.prompt import PerplexityCompressor
 
         unit = "sentence" if args.method == "perplexity-sentence" else "token"
-        comp = PerplexityCompressor(model=args.model, unit=unit)
+        if args.sentence_filter and unit == "sentence":
+            raise ValueError("--sentence-filter applies to --method perplexity (perplexity-sentence keeps whole sentences only)")
+        sentence_filter = bool(args.sentence_filter)
+        comp = PerplexityCompressor(model=args.model, unit=unit, sentence_filter=sentence_filter,
+                                    token_budget_ratio=args.token_budget_ratio)
     res = comp.compress(text, budget=budget, query=args.query)
     if args.json:
-        print(json.dumps(res.to_dict(with_details=args.details), ensure_ascii=False))
+        d = res.to_dict(with_details=args.details)
+        d["settings"] = {"method": args.method, "sentence_filter": sentence_filter,
+                         "token_budget_ratio": args.token_budget_ratio if sentence_filter else None}
+        print(json.dumps(d, ensure_ascii=False))
     else:
         sys.stdout.write(res.text)
         if not res.text.endswith("\n"):

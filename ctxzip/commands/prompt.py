@@ -36,6 +36,7 @@ def register(sub: Any) -> None:
     d.add_argument("--sentence-weight", type=float, default=None,
                    help="--default: weight of the teacher's sentence ranking in the soft targets (0 = word ranks only)")
     d.add_argument("--labels-cache", default=None, help="--default: pickle file for the teacher labels (reused when present)")
+    d.add_argument("--labels-only", action="store_true", help="--default: only label (fill --labels-cache), do not train")
     d.add_argument("--epochs", type=int, default=None)
     d.add_argument("--batch-size", type=int, default=None)
     d.add_argument("--train-layers", type=int, default=None)
@@ -71,7 +72,11 @@ def _distill(args: argparse.Namespace) -> int:
             docstring_chars=args.docstring_chars if args.docstring_chars is not None else R["docstring_chars"],
             sentence_weight=args.sentence_weight if args.sentence_weight is not None else R["sentence_weight"],
             teacher_rate=args.teacher_rate, config=cfg, progress=progress, labels_cache=args.labels_cache,
+            labels_only=args.labels_only,
         )
+        if args.labels_only:
+            print(json.dumps(log, indent=1))
+            return 0
         print(json.dumps({k: log[k] for k in ("n_train", "n_eval", "epochs", "total_seconds", "teacher_seconds") if k in log}, indent=1))
         print(f"wrote {asset}", file=sys.stderr)
         return 0

@@ -51,6 +51,7 @@ __all__ = [
     "load_default_classifier",
     "default_asset_dir",
     "word_spans",
+    "mix_targets",
 ]
 
 ASSET_NAME = "lingua2-minilm"
@@ -321,17 +322,45 @@ def teacher_labels(
             continue
         ws = _char_word_scores(len(text), lm_offs, scores, spans)
         ranks = np.argsort(np.argsort(ws, kind="stable"), kind="stable")
-        pct = ranks / max(len(ws) - 1, 1)
-        if sentence_weight > 0:
-            pct = sentence_weight * _sentence_rank(text, lm_offs, scores, spans) + (1 - sentence_weight) * pct
-        target = pct if soft else (pct >= np.quantile(pct, 1.0 - teacher_rate)).astype(np.float64)
-        out.append({"text": text, "ids": ids, "word_of_token": wid, "target": target, "index": si})
+        rec = {"text": text, "ids": ids, "word_of_token": wid, "index": si,
+               # the components, so targets can be re-mixed without relabelling (mix_targets)
+               "word_rank": ranks / max(len(ws) - 1, 1), "sent_rank": _sentence_rank(text, lm_offs, scores, spans),
+               "word_score": ws.astype(np.float32),
+               "sent_score": _sentence_rank(text, lm_offs, scores, spans, rank=False).astype(np.float32),
+               "lm_scores": scores.astype(np.float32), "lm_offsets": lm_offs.astype(np.int32)}
+        rec["target"] = _mix(rec, sentence_weight, soft, teacher_rate)
+        out.append(rec)
     return out
 
 
-def _sentence_rank(text: str, lm_offs: np.ndarray, lm_scores: np.ndarray, spans: np.ndarray) -> np.ndarray:
+def _mix(rec: dict[str, Any], sentence_weight: float, soft: bool, teacher_rate: float) -> np.ndarray:
+    pct = rec["word_rank"]
+    if sentence_weight > 0:
+        pct = sentence_weight * rec["sent_rank"] + (1 - sentence_weight) * pct
+    return pct if soft else (pct >= np.quantile(pct, 1.0 - teacher_rate)).astype(np.float64)
+
+
+def mix_targets(
+    records: Sequence[dict[str, Any]], sentence_weight: float, *, soft: bool = True, teacher_rate: float = 0.5
+) -> list[dict[str, Any]]:
+    """Recompute the targets of :func:`teacher_labels` records for another ``sentence_weight``
+    (or hard labels) from the stored word and sentence ranks, without running the teacher."""
+    if not 0.0 <= sentence_weight <= 1.0:
+        raise ValueError(f"sentence_weight must be in [0, 1], got {sentence_weight!r}")
+    out = []
+    for r in records:
+        if "word_rank" not in r:
+            raise ValueError("record has no stored ranks (made by an older ctxzip); relabel it")
+        out.append({**r, "target": _mix(r, sentence_weight, soft, teacher_rate)})
+    return out
+
+
+def _sentence_rank(
+    text: str, lm_offs: np.ndarray, lm_scores: np.ndarray, spans: np.ndarray, *, rank: bool = True
+) -> np.ndarray:
     """Per word: percentile rank (0..1) among the text's sentences of its sentence's mean LM
-    token score (sentences and token-to-sentence mapping as in the teacher's coarse stage)."""
+    token score (sentences and token-to-sentence mapping as in the teacher's coarse stage);
+    with ``rank=False`` the mean score itself."""
     from ctxzip.prompt.perplexity import split_sentences
 
     sents = split_sentences(text)
@@ -341,11 +370,13 @@ def _sentence_rank(text: str, lm_offs: np.ndarray, lm_scores: np.ndarray, spans:
     cnt = np.bincount(tok_sent, minlength=n)
     mean = np.bincount(tok_sent, weights=lm_scores, minlength=n) / np.maximum(cnt, 1)
     has = cnt > 0
+    word_sent = np.clip(np.searchsorted(starts, spans[:, 0], side="right") - 1, 0, n - 1)
+    if not rank:
+        return np.where(has, mean, float(lm_scores.mean()) if lm_scores.size else 0.0)[word_sent]
     rank = np.full(n, 0.5)
     if has.sum() > 1:
         r = np.argsort(np.argsort(mean[has], kind="stable"), kind="stable")
         rank[has] = r / (has.sum() - 1)
-    word_sent = np.clip(np.searchsorted(starts, spans[:, 0], side="right") - 1, 0, n - 1)
     return rank[word_sent]
 
 
@@ -700,6 +731,7 @@ def distill_default(
     teacher_rate: float = 0.5,
     config: DistillConfig | None = None,
     labels_cache: str | os.PathLike | None = None,
+    labels_only: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Build the default classifier end to end: corpus -> teacher labels -> training -> export.
@@ -707,7 +739,9 @@ def distill_default(
     ``max_samples`` caps the training samples (drawn at random with seed 0; the shipped value
     is in ``meta.json``); every 10th labelled sample is kept out of training for the eval
     curve. ``labels_cache``: a pickle file to store the teacher labels in (and reuse them from
-    when it exists), so training settings can be changed without relabelling.
+    when it exists), so training settings (including ``sentence_weight``, applied to the
+    stored word/sentence ranks) can be changed without relabelling. ``labels_only``: stop after
+    labelling (returns a small log; fills the cache for a later run).
     """
     from transformers import AutoTokenizer
 
@@ -725,7 +759,8 @@ def distill_default(
     recs: list[dict[str, Any]] = []
     n_done = 0
     label_seconds = 0.0
-    settings = {"teacher_rate": teacher_rate, "sentence_weight": sentence_weight}
+    # the cache stores the teacher's word and sentence ranks; sentence_weight mixes them later
+    settings = {"teacher_rate": teacher_rate, "format": 3}
     if labels_cache is not None and Path(labels_cache).is_file():
         import pickle
 
@@ -758,6 +793,9 @@ def distill_default(
                              "seconds": label_seconds}, fh)
             os.replace(tmp, labels_cache)
     t_teacher = time.perf_counter() - t0
+    recs = mix_targets(recs, sentence_weight, teacher_rate=teacher_rate)
+    if labels_only:
+        return {"samples": len(smp), "labelled": len(recs), "teacher_seconds": label_seconds}
     n_ev = max(1, len(recs) // 10)
     ev, tr = recs[::10][:n_ev], [r for i, r in enumerate(recs) if i % 10 != 0]
     model, tok, log = train(tr, config=config, eval_records=ev, out_dir=out_dir, progress=progress)
