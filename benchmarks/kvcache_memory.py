@@ -31,11 +31,13 @@ sys.path.insert(0, str(ROOT))
 from ctxzip.budget import Budget  # noqa: E402
 from ctxzip.eval import ContextEvaluator, code_documents, pooled_benefit, prose_documents  # noqa: E402
 from ctxzip.kvcache import (  # noqa: E402
+    EMSPress,
     EvictThenQuantizePress,
     GEARPress,
     H2OPress,
     KIVIPress,
     LowRankPress,
+    ObservedAttentionPress,
     SnapKVPress,
     cache_nbytes,
     dense_cache_nbytes,
@@ -70,6 +72,23 @@ def configs(cal_fn) -> dict:
     out["snapkv0.5+gear2"] = ("evict+quantize", lambda: e(
         evict=SnapKVPress(budget=Budget(rate=0.5)),
         quant=GEARPress(bits=2, group_size=32, buffer=32, chunk=256, sink=4)))
+    # session 3: spend the 10 % on less eviction / other scores (screened on 1 + 1 documents)
+    def k4v2w0(kg=128):
+        return KIVIPress(key_bits=4, value_bits=2, key_group=kg, window=0)
+
+    out["obs0.43+kivi_k4v2_w0"] = ("evict+quantize", lambda: e(
+        evict=ObservedAttentionPress(budget=Budget(rate=0.43)), quant=k4v2w0()))
+    out["ems0.43+kivi_k4v2_w0"] = ("evict+quantize", lambda: e(
+        evict=EMSPress(budget=Budget(rate=0.43), head_budget="uniform"), quant=k4v2w0()))
+    out["snapkv0.43+kivi_k4v2_w0"] = ("evict+quantize", lambda: e(
+        evict=SnapKVPress(budget=Budget(rate=0.43)), quant=k4v2w0()))
+    out["h2o_r0.25_0.43+kivi_k4v2_w0"] = ("evict+quantize", lambda: e(
+        evict=H2OPress(budget=Budget(rate=0.43), recent_fraction=0.25), quant=k4v2w0()))
+    out["h2o0.44+kivi_k4v2_kg256_w0"] = ("evict+quantize", lambda: e(
+        evict=H2OPress(budget=Budget(rate=0.44)), quant=k4v2w0(256)))
+    out["h2o0.58+kivi_k2v2_w0"] = ("evict+quantize", lambda: e(
+        evict=H2OPress(budget=Budget(rate=0.58)),
+        quant=KIVIPress(key_bits=2, value_bits=2, key_group=64, window=0)))
     out["lowrank0.25"] = ("low-rank", lambda: LowRankPress(budget=Budget(rate=0.25), calibration=cal_fn()))
     return out
 

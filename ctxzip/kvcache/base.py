@@ -5,8 +5,13 @@ prefill as usual (so the prefill's own outputs are exact) and, right after each 
 has written its keys/values, replaces that cache layer by a compressed one (see
 :mod:`ctxzip.kvcache.cache`). Decoding then continues from the compressed cache, with positions
 counting from the original length. Works with SDPA: a press that needs attention scores
-recomputes the queries it needs from the layer's input hidden states (as kvpress does) and asks
-:func:`ctxzip.kernels.attention_mass` for per-key attention mass without the N x N matrix.
+of a few queries (SnapKV's window, TOVA's last query) recomputes them from the layer's input
+hidden states (as kvpress does) and asks :func:`ctxzip.kernels.attention_mass` for per-key
+attention mass without the N x N matrix. A press that needs the mass of *all* prefill queries
+(H2O, observed attention, EMS: :meth:`BasePress.wants_prefill_mass`) gets it from the prefill's
+own attention instead: inside the block the model runs the ``"ctxzip_ragged"`` attention, which
+for the requested layers computes output and mass in one pass
+(:func:`ctxzip.kvcache.fused.attention_with_mass`), so no second ``Q Kᵀ`` pass is needed.
 
 Subclasses implement :meth:`BasePress.compress_layer` (or, for score-then-evict methods,
 :class:`ScorerPress.score`).
@@ -24,7 +29,13 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..budget import Budget, allocate, topk_indices
-from .cache import EvictedLayer, RaggedLayer, install_ctxzip_attention, is_sliding_layer
+from .cache import (
+    MASS_REQUESTS,
+    EvictedLayer,
+    RaggedLayer,
+    install_ctxzip_attention,
+    is_sliding_layer,
+)
 
 __all__ = [
     "BasePress",
@@ -112,6 +123,9 @@ class LayerContext:
     values: torch.Tensor  # [B, Hkv, T, dv]
     key_padding: torch.Tensor | None  # [B, T] bool, True = real token (None: no padding)
     cache: Cache
+    #: fp32 ``[B, Hq, T]`` attention mass of all prefill queries, captured from the prefill's own
+    #: attention when the press asked for it (:meth:`BasePress.wants_prefill_mass`), else None
+    prefill_mass: torch.Tensor | None = None
 
     @property
     def seq_len(self) -> int:
@@ -127,11 +141,22 @@ class LayerContext:
     def attention_mass(
         self, window: int | None, gqa: str = "mean", queries: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Per-key attention mass ``[B, Hkv, T]`` of the last ``window`` queries (all when
-        ``None``), computed by :func:`ctxzip.kernels.attention_mass` from recomputed queries."""
+        """Per-key attention mass ``[B, Hkv, T]`` (``[B, Hq, T]`` for ``gqa="per_head"``) of the
+        last ``window`` queries (all when ``None``): taken from :attr:`prefill_mass` when it was
+        captured and all queries are asked for, otherwise computed by
+        :func:`ctxzip.kernels.attention_mass` from recomputed queries."""
         from ..kernels import attention_mass
 
         n = self.seq_len if window is None else min(int(window), self.seq_len)
+        if self.prefill_mass is not None and queries is None and n == self.seq_len:
+            if gqa not in ("sum", "mean", "per_head"):
+                raise ValueError(f"gqa must be 'sum', 'mean' or 'per_head', got {gqa!r}")
+            m = self.prefill_mass
+            if gqa == "per_head":
+                return m
+            b, hq, t = m.shape
+            m = m.view(b, self.keys.shape[1], hq // self.keys.shape[1], t)
+            return m.sum(2) if gqa == "sum" else m.mean(2)
         q = queries if queries is not None else self.queries(n)
         mask = None if self.key_padding is None else self.key_padding
         return attention_mass(
@@ -175,6 +200,15 @@ class BasePress:
     #: set by presses whose layers need the "ctxzip_ragged" attention (ragged head-wise storage)
     needs_ctxzip_attention: bool = field(default=False, init=False, repr=False)
 
+    def uses_prefill_mass(self) -> bool:
+        """Whether this press scores keys by the attention mass of *all* prefill queries
+        (H2O, observed attention, EMS); then the prefill's own attention computes it."""
+        return False
+
+    def wants_prefill_mass(self, seq_len: int) -> bool:
+        """Whether a prefill of ``seq_len`` tokens needs that mass (not when nothing is evicted)."""
+        return self.uses_prefill_mass() and self.budget.resolve(seq_len) < seq_len
+
     # -- the context manager ------------------------------------------------------------
     def __call__(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
         return self._apply(model)
@@ -193,26 +227,67 @@ class BasePress:
 
         def make_hook(module: torch.nn.Module) -> Any:
             def hook(_m: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+                req = MASS_REQUESTS.pop(id(module), None)
+                state["prefill_mass"] = None if req is None else req.get("mass")
                 self._on_attention(module, len(mods), args, kwargs, state)
+                state["prefill_mass"] = None
                 return output
 
             return hook
 
+        def make_mass_request(module: torch.nn.Module) -> Any:
+            def pre(_m: Any, args: tuple, kwargs: dict) -> None:
+                MASS_REQUESTS.pop(id(module), None)
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                cache = kwargs.get("past_key_values")
+                if hidden is None or not isinstance(cache, Cache) or hidden.shape[1] < 1:
+                    return
+                idx = module.layer_idx
+                if idx < len(cache.layers):
+                    layer = cache.layers[idx]
+                    # a prefill from an empty cache into a plain full-attention layer only
+                    if type(layer) is not DynamicLayer or is_sliding_layer(layer):
+                        return
+                    if layer.keys is not None and layer.keys.shape[-2] > 0:
+                        return
+                q_len = hidden.shape[1]
+                if not self.wants_prefill_mass(q_len):
+                    return
+                kp = state["key_padding"]
+                qw = None
+                if kp is not None:
+                    kp = kp[:, -q_len:]
+                    qw = None if bool(kp.all()) else kp
+                MASS_REQUESTS[id(module)] = {"query_weights": qw}
+
+            return pre
+
         handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
         for m in mods:
             handles.append(m.register_forward_hook(make_hook(m), with_kwargs=True))
-        if self.needs_ctxzip_attention:
-            # Ragged (head-wise) layers need the "ctxzip_ragged" attention for every later step on this
-            # cache, so the model keeps it after the block; it is plain SDPA whenever no ragged
-            # layer is involved.
+        previous_impl = model.config._attn_implementation
+        if self.needs_ctxzip_attention or self.uses_prefill_mass():
+            # Ragged (head-wise) layers need the "ctxzip_ragged" attention for every later step
+            # on this cache, so the model keeps it after the block; it is plain SDPA whenever no
+            # ragged layer and no mass request is involved. Presses that need the prefill's
+            # attention mass use it for the block only.
             name = install_ctxzip_attention()
-            if model.config._attn_implementation != name:
+            if previous_impl != name:
                 model.set_attn_implementation(name)
+            for m in mods:
+                handles.append(m.register_forward_pre_hook(make_mass_request(m), with_kwargs=True))
         try:
             yield model
         finally:
             for h in handles:
                 h.remove()
+            for m in mods:
+                MASS_REQUESTS.pop(id(m), None)
+            if (
+                not self.needs_ctxzip_attention
+                and model.config._attn_implementation != previous_impl
+            ):
+                model.set_attn_implementation(previous_impl)
 
     def _on_attention(
         self, module: torch.nn.Module, n_layers: int, args: tuple, kwargs: dict, state: dict
@@ -247,6 +322,7 @@ class BasePress:
             values=layer.values,
             key_padding=kp,
             cache=cache,
+            prefill_mass=state.get("prefill_mass"),
         )
         with torch.no_grad():
             new_layer = self.compress_layer(ctx)

@@ -332,6 +332,12 @@ class RaggedLayer(BatchMappedLayer):
 
 
 # ---------------------------------------------------------------- the "ctxzip_ragged" attention
+#: ``id(attention module) -> request``: set by a press (see ``BasePress._apply``) right before an
+#: attention layer runs a prefill whose attention mass it needs; the attention below then stores
+#: the per-query-head mass ``[B, Hq, T]`` under ``"mass"`` (``"query_weights"``: ``[B, T]`` or None).
+MASS_REQUESTS: dict[int, dict[str, Any]] = {}
+
+
 def _ctxzip_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -347,6 +353,25 @@ def _ctxzip_attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     head_mask = _lookup_key_mask(key)
+    req = MASS_REQUESTS.get(id(module))
+    if (
+        req is not None
+        and head_mask is None
+        and query.shape[2] == key.shape[2]
+        and (attention_mask is None or attention_mask.dtype == torch.bool)
+        and kwargs.get("softcap") is None
+        and kwargs.get("s_aux") is None
+        and (dropout == 0.0 or not module.training)
+    ):
+        # a press wants this prefill's attention mass: one pass gives output and mass
+        from .fused import attention_with_mass
+
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out, req["mass"] = attention_with_mass(
+            query, key, value, scale=scale, attention_mask=attention_mask,
+            query_weights=req.get("query_weights"),
+        )
+        return out.transpose(1, 2).contiguous(), None
     if head_mask is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -40,6 +40,12 @@ class EvictThenQuantizePress(BasePress):
         if not isinstance(self.quant, (GEARPress, KIVIPress)):
             raise ValueError("quant must be a GEARPress or a KIVIPress")
 
+    def uses_prefill_mass(self) -> bool:
+        return self.evict.uses_prefill_mass()
+
+    def wants_prefill_mass(self, seq_len: int) -> bool:
+        return self.evict.wants_prefill_mass(seq_len)
+
     def kept_indices(self, ctx: LayerContext) -> torch.Tensor:
         """``[B, Hkv, keep]`` positions the eviction press keeps (position order): its scores,
         forced positions and padding handled as in :meth:`ScorerPress.compress_layer`."""

@@ -49,6 +49,12 @@ class DecodingPress(BasePress):
         self._buf: dict[int, dict[str, Any]] = {}
         self._target: dict[int, int] = {}
 
+    def uses_prefill_mass(self) -> bool:
+        return self.compress_prefill and self.press.uses_prefill_mass()
+
+    def wants_prefill_mass(self, seq_len: int) -> bool:
+        return self.compress_prefill and self.press.wants_prefill_mass(seq_len)
+
     def compress_layer(self, ctx: LayerContext) -> Any:
         self._target[ctx.layer_idx] = self.budget.resolve(ctx.seq_len) if self.budget.rate else int(
             self.budget.tokens

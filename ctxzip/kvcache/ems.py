@@ -37,10 +37,9 @@ def global_local_score(
     (``combine="sum"``) or their maximum (``"max"``).
     """
     t = ctx.seq_len
-    q = ctx.queries(None)
-    acc = ctx.attention_mass(window=None, gqa="mean", queries=q)
+    acc = ctx.attention_mass(window=None, gqa="mean")
     w = min(window, t)
-    local = ctx.attention_mass(window=None, gqa="mean", queries=q[:, :, t - w :])
+    local = ctx.attention_mass(window=w, gqa="mean")
     n_seen = torch.arange(t, 0, -1, device=acc.device, dtype=torch.float32)
     if ctx.key_padding is not None:
         # only real queries count: real tokens at or after i
@@ -92,6 +91,9 @@ class EMSPress(ScorerPress):
             raise ValueError("combine must be 'sum' or 'max'")
         if self.merge_threshold < -1.0:
             raise ValueError("merge_threshold must be >= -1")
+
+    def uses_prefill_mass(self) -> bool:
+        return True
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         return global_local_score(ctx, self.window, self.alpha, self.combine)

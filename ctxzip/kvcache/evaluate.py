@@ -150,6 +150,12 @@ class _FanOut(BasePress):
         self.layers: dict[Any, dict[int, Any]] = {k: {} for k in presses}
         self.needs_ctxzip_attention = any(p.needs_ctxzip_attention for p in presses.values())
 
+    def uses_prefill_mass(self) -> bool:
+        return any(p.uses_prefill_mass() for p in self.presses.values())
+
+    def wants_prefill_mass(self, seq_len: int) -> bool:
+        return any(p.wants_prefill_mass(seq_len) for p in self.presses.values())
+
     def compress_layer(self, ctx: LayerContext) -> None:
         memo: dict[tuple, torch.Tensor] = {}
         for name, p in self.presses.items():

@@ -35,6 +35,9 @@ class H2OPress(ScorerPress):
         if not 0.0 <= self.recent_fraction <= 1.0:
             raise ValueError("recent_fraction must be in [0, 1]")
 
+    def uses_prefill_mass(self) -> bool:
+        return True
+
     def score(self, ctx: LayerContext) -> torch.Tensor:
         return ctx.attention_mass(window=None, gqa="sum")
 

@@ -56,5 +56,8 @@ class ObservedAttentionPress(ScorerPress):
         if self.gqa not in ("mean", "sum"):
             raise ValueError("gqa must be 'mean' or 'sum'")
 
+    def uses_prefill_mass(self) -> bool:
+        return True
+
     def score(self, ctx: LayerContext) -> torch.Tensor:
         return observed_attention_score(ctx, self.gqa, self.normalize)
