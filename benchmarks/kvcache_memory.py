@@ -38,6 +38,7 @@ from ctxzip.kvcache import (  # noqa: E402
     KIVIPress,
     LowRankPress,
     ObservedAttentionPress,
+    RazorAttentionPress,
     SnapKVPress,
     cache_nbytes,
     dense_cache_nbytes,
@@ -89,6 +90,14 @@ def configs(cal_fn) -> dict:
     out["h2o0.58+kivi_k2v2_w0"] = ("evict+quantize", lambda: e(
         evict=H2OPress(budget=Budget(rate=0.58)),
         quant=KIVIPress(key_bits=2, value_bits=2, key_group=64, window=0)))
+    # session 5: RazorAttention - retrieval heads whole, the rest sinks + buffer + compensation
+    # token, both parts KIVI k4v2 (the recall target needs every token somewhere)
+    def razor(frac, buf, kb=4, vb=2):
+        return RazorAttentionPress(budget=Budget(tokens=buf), retrieval_fraction=frac, min_buffer=0,
+                                   quant=KIVIPress(key_bits=kb, value_bits=vb, key_group=128, window=0))
+
+    for frac, buf in ((0.38, 64), (0.3, 128), (0.33, 96)):
+        out[f"razor{frac}_b{buf}+kivi_k4v2_w0"] = ("head-split+quantize", lambda f=frac, b=buf: razor(f, b))
     out["lowrank0.25"] = ("low-rank", lambda: LowRankPress(budget=Budget(rate=0.25), calibration=cal_fn()))
     return out
 
@@ -247,7 +256,7 @@ def plot(result: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    marker = {"evict": "o", "quantize": "s", "evict+quantize": "*", "low-rank": "^"}
+    marker = {"evict": "o", "quantize": "s", "evict+quantize": "*", "low-rank": "^", "head-split+quantize": "P"}
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
     for i, kind in enumerate(("prose", "code")):
         for j, t in enumerate(TARGETS):

@@ -22,6 +22,7 @@ from .knorm import KNormPress
 from .lowrank import LowRankPress
 from .observed_attention import ObservedAttentionPress
 from .pyramidkv import PyramidKVPress
+from .razor import RazorAttentionPress
 from .snapkv import SnapKVPress
 from .streaming_llm import StreamingLLMPress
 from .tova import TOVAPress
@@ -50,6 +51,7 @@ PRESSES: dict[str, Callable[..., BasePress]] = {
     "pyramidkv_adaptive": lambda b, **kw: PyramidKVPress(budget=b, head_budget="adaptive", **kw),
     "gear": lambda b, **kw: GEARPress(budget=b, **kw),
     "lowrank": _lowrank,
+    "razor": lambda b, **kw: RazorAttentionPress(budget=b, **kw),
     "snapkv+gear": lambda b, **kw: EvictThenQuantizePress(
         evict=SnapKVPress(budget=b), quant=GEARPress(**kw)
     ),

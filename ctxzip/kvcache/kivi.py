@@ -21,7 +21,7 @@ Storage counted by :meth:`KIVILayer.nbytes`: codes, fp16 scales and zeros, the f
 sink and recent window, tokens decoded later (kept in full precision: the cache update API
 carries no ``cos``/``sin`` to un-rotate them, as CSKV's bi-branch cache keeps new tokens), and,
 with pre-RoPE keys, one int16 position per stored token and KV head (needed to re-rotate
-after eviction). The ``cos``/``sin`` table of the prefill positions is a recomputable model
+after eviction; not stored when the quantized tokens are consecutive, i.e. nothing was evicted). The ``cos``/``sin`` table of the prefill positions is a recomputable model
 constant shared by all layers (:meth:`KIVILayer.shared_nbytes`), like the RoPE frequencies.
 """
 
@@ -83,13 +83,15 @@ class KIVILayer(BatchMappedLayer):
         tail_keys: torch.Tensor,
         tail_values: torch.Tensor,
         logical_length: int,
+        pos_start: int = 0,
     ):
         super().__init__()
         self.lazy_initialization(tail_keys, tail_values)
         self.sink_keys, self.sink_values = sink_keys, sink_values
         self.kq, self.vq = kq, vq
-        self.positions = positions  # int16/int32 [B, H, M] or None (post-RoPE codes)
-        self.rope = rope  # (cos, sin) [Bc, T, d_rot] shared model constant, or None
+        self.positions = positions  # int16/int32 [B, H, M], or None: post-RoPE codes or implicit
+        self.rope = rope  # (cos, sin) [Bc, T, d_rot] shared model constant, or None (post-RoPE)
+        self.pos_start = int(pos_start)  # with rope and no positions: token i sat at pos_start + i
         self.keys, self.values = tail_keys, tail_values
         self.logical_length = int(logical_length)
 
@@ -102,10 +104,13 @@ class KIVILayer(BatchMappedLayer):
         if self.vq is None:
             return self.keys[:, :, :0], self.values[:, :, :0]
         k = torch.cat([dequantize(q) for q in self.kq], dim=2)
-        if self.positions is not None:
+        if self.rope is not None:
             cos, sin = self.rope
-            b, h, m = self.positions.shape
-            pos = self.positions.long()
+            b, h, m = k.shape[:3]
+            if self.positions is None:  # every token from pos_start on: positions are implicit
+                pos = torch.arange(self.pos_start, self.pos_start + m, device=k.device).expand(b, h, m)
+            else:
+                pos = self.positions.long()
             if cos.shape[0] != b:
                 cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
             idx = pos.reshape(b, h * m, 1).expand(-1, -1, cos.shape[-1])
@@ -159,6 +164,7 @@ class KIVILayer(BatchMappedLayer):
         self.vq = None if self.vq is None else qt(self.vq)
         if self.positions is not None:
             self.positions = fn(self.positions)
+        if self.rope is not None:
             cos, sin = self.rope
             if cos.shape[0] > 1:
                 self.rope = (fn(cos), fn(sin))
@@ -223,8 +229,10 @@ class KIVIPress(BasePress):
         s = min(self.sink, n)
         m = max(0, n - s - self.window)
         e = s + m
-        sink_k, sink_v = keys[:, :, :s].contiguous(), values[:, :, :s].contiguous()
-        tail_k, tail_v = keys[:, :, e:].contiguous(), values[:, :, e:].contiguous()
+        # clone, not contiguous(): a slice that is already contiguous (one head, or an empty
+        # tail) would stay a view and keep the whole full-precision input alive
+        sink_k, sink_v = keys[:, :, :s].clone(), values[:, :, :s].clone()
+        tail_k, tail_v = keys[:, :, e:].clone(), values[:, :, e:].clone()
         if m == 0:
             return KIVILayer(sink_k, sink_v, [], None, None, None, tail_k, tail_v, logical_length)
         k = keys[:, :, s:e].float()
@@ -241,7 +249,10 @@ class KIVIPress(BasePress):
             sn = sb.float().gather(1, idx).view(b, h, m, -1)
             k = rotate_keys(k, c, sn, inverse=True)
             rope = (cos, sin)
-            pos = p.to(torch.int16 if ctx.seq_len < 2**15 else torch.int32)
+            if bool((p == torch.arange(s, e, device=p.device)).all()):
+                pos = None  # consecutive positions (nothing evicted): not stored
+            else:
+                pos = p.to(torch.int16 if ctx.seq_len < 2**15 else torch.int32)
         kq = []
         n_full = m // self.key_group * self.key_group
         if n_full:
@@ -252,4 +263,4 @@ class KIVIPress(BasePress):
                                group_size=m - n_full, axis="channel"))
         vq = quantize(v.contiguous(), bits=self.value_bits,
                       group_size=_value_group(v.shape[-1], self.value_group), axis="token")
-        return KIVILayer(sink_k, sink_v, kq, vq, pos, rope, tail_k, tail_v, logical_length)
+        return KIVILayer(sink_k, sink_v, kq, vq, pos, rope, tail_k, tail_v, logical_length, pos_start=s)
