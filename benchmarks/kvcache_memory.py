@@ -90,14 +90,33 @@ def configs(cal_fn) -> dict:
     out["h2o0.58+kivi_k2v2_w0"] = ("evict+quantize", lambda: e(
         evict=H2OPress(budget=Budget(rate=0.58)),
         quant=KIVIPress(key_bits=2, value_bits=2, key_group=64, window=0)))
-    # session 5: RazorAttention - retrieval heads whole, the rest sinks + buffer + compensation
-    # token, both parts KIVI k4v2 (the recall target needs every token somewhere)
-    def razor(frac, buf, kb=4, vb=2):
-        return RazorAttentionPress(budget=Budget(tokens=buf), retrieval_fraction=frac, min_buffer=0,
-                                   quant=KIVIPress(key_bits=kb, value_bits=vb, key_group=128, window=0))
+    # session 5: RazorAttention - retrieval heads keep every token, the rest sinks + a 64-token
+    # buffer + a compensation token; both parts KIVI (4-bit pre-RoPE keys, 2-bit values after a
+    # Hadamard rotation). Chosen on 2 + 2 documents (the "razor screen" rows below; written to
+    # results/kvcache_razor_screen.json with --docs 2), then run on 20 + 20.
+    def rz(frac=0.38, buf=64, echo=0.1, kb=4, vb=2, kg=128, vg=64, rot=True, comp=True, fp=False, lvg=64):
+        def q(v):
+            return KIVIPress(key_bits=kb, value_bits=vb, key_group=kg, value_group=v, window=0, rotate_values=rot)
+        return RazorAttentionPress(
+            budget=Budget(tokens=buf), retrieval_fraction=frac, echo_fraction=echo, min_buffer=0,
+            compensation=comp, quant=None if fp else q(vg), local_quant=None if fp else q(lvg))
 
-    for frac, buf in ((0.38, 64), (0.3, 128), (0.33, 96)):
-        out[f"razor{frac}_b{buf}+kivi_k4v2_w0"] = ("head-split+quantize", lambda f=frac, b=buf: razor(f, b))
+    out["razor0.38_b64+kivi_k4v2_rot_vg32"] = ("head-split+quantize", lambda: rz(vg=32))
+    screen = {
+        # full precision (bytes ~0.42): what the head split alone costs
+        "fp_e0.01": dict(fp=True, echo=0.01), "fp_e0.01_nocomp": dict(fp=True, echo=0.01, comp=False),
+        "fp_e0.10_nocomp": dict(fp=True, comp=False), "fp_e0.19_nocomp": dict(fp=True, echo=0.19, comp=False),
+        # KIVI, no value rotation
+        "k4v2_e0.01": dict(echo=0.01, rot=False), "k4v2_e0.01_nocomp": dict(echo=0.01, rot=False, comp=False),
+        "k8v2_e0.01": dict(echo=0.01, rot=False, kb=8), "k4v4_e0.01": dict(echo=0.01, rot=False, vb=4, lvg=64),
+        "k4v2_f0.38": dict(rot=False), "k4v2_f0.40": dict(frac=0.40, rot=False),
+        "k4v2_f0.42_kg256": dict(frac=0.42, rot=False, kg=256), "k4v2_f0.44_kg256": dict(frac=0.44, rot=False, kg=256),
+        # rotated values
+        "rot_f0.38": dict(), "rot_f0.40": dict(frac=0.40), "rot_f0.38_vg32": dict(vg=32),
+        "rot_f0.38_b80_kg256_vg32": dict(buf=80, kg=256, vg=32),
+    }
+    for name, kw in screen.items():
+        out[f"razor screen/{name}"] = ("head-split" if kw.get("fp") else "head-split+quantize", lambda kw=kw: rz(**kw))
     out["lowrank0.25"] = ("low-rank", lambda: LowRankPress(budget=Budget(rate=0.25), calibration=cal_fn()))
     return out
 

@@ -32,7 +32,13 @@ from typing import Any
 
 import torch
 
-from ..kernels.quant import SUPPORTED_BITS, QuantizedTensor, dequantize, quantize
+from ..kernels.quant import (
+    SUPPORTED_BITS,
+    QuantizedTensor,
+    dequantize,
+    orthogonal_rotation,
+    quantize,
+)
 from .base import BasePress, LayerContext
 from .cache import BatchMappedLayer, _tensor_nbytes
 
@@ -84,6 +90,7 @@ class KIVILayer(BatchMappedLayer):
         tail_values: torch.Tensor,
         logical_length: int,
         pos_start: int = 0,
+        value_rotation: torch.Tensor | None = None,
     ):
         super().__init__()
         self.lazy_initialization(tail_keys, tail_values)
@@ -92,6 +99,7 @@ class KIVILayer(BatchMappedLayer):
         self.positions = positions  # int16/int32 [B, H, M], or None: post-RoPE codes or implicit
         self.rope = rope  # (cos, sin) [Bc, T, d_rot] shared model constant, or None (post-RoPE)
         self.pos_start = int(pos_start)  # with rope and no positions: token i sat at pos_start + i
+        self.value_rotation = value_rotation  # [dv, dv] orthonormal model constant, or None
         self.keys, self.values = tail_keys, tail_values
         self.logical_length = int(logical_length)
 
@@ -118,6 +126,8 @@ class KIVILayer(BatchMappedLayer):
             s = sin.float().gather(1, idx).view(b, h, m, -1)
             k = rotate_keys(k, c, s)
         v = dequantize(self.vq)
+        if self.value_rotation is not None:
+            v = v @ self.value_rotation.T.float()
         return k.to(self.keys.dtype), v.to(self.values.dtype)
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -149,7 +159,7 @@ class KIVILayer(BatchMappedLayer):
 
     def shared_nbytes(self) -> int:
         """Bytes of the RoPE table this layer references (shared by all layers, recomputable)."""
-        return 0 if self.rope is None else _tensor_nbytes(list(self.rope), set())
+        return _tensor_nbytes([t for t in (*(self.rope or ()), self.value_rotation) if t is not None], set())
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a compressed cache layer cannot be cropped")
@@ -192,6 +202,9 @@ class KIVIPress(BasePress):
             the paper - it costs 16 bits per entry, so small windows suit 10%-bytes budgets).
         pre_rope: quantize keys before RoPE (KVQuant) and store one position per token to
             rotate them back; ``False`` quantizes post-RoPE keys (KIVI as published).
+        rotate_values: multiply values by a fixed orthonormal (Hadamard) matrix before their
+            per-token quantization and by its transpose after (QuaRot's rotation, here on the
+            cache only): outlier channels are spread over the group, so 2-bit values lose less.
     """
 
     key_bits: int = 4
@@ -201,6 +214,7 @@ class KIVIPress(BasePress):
     sink: int = 4
     window: int = 16
     pre_rope: bool = True
+    rotate_values: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -261,6 +275,10 @@ class KIVIPress(BasePress):
         if m - n_full:
             kq.append(quantize(k[:, :, n_full:].contiguous(), bits=self.key_bits,
                                group_size=m - n_full, axis="channel"))
+        rot = orthogonal_rotation(v.shape[-1], v.device) if self.rotate_values else None
+        if rot is not None:
+            v = v @ rot
         vq = quantize(v.contiguous(), bits=self.value_bits,
                       group_size=_value_group(v.shape[-1], self.value_group), axis="token")
-        return KIVILayer(sink_k, sink_v, kq, vq, pos, rope, tail_k, tail_v, logical_length, pos_start=s)
+        return KIVILayer(sink_k, sink_v, kq, vq, pos, rope, tail_k, tail_v, logical_length, pos_start=s,
+                         value_rotation=rot)
