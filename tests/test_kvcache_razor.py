@@ -103,6 +103,25 @@ def test_head_selection_counts_and_order():
     assert p.retrieval_heads() == {(0, 2), (0, 0), (1, 0)}
 
 
+def test_head_selection_with_long_range_mass():
+    # rows: induction, echo, long-range mass
+    scores = {0: torch.tensor([[0.9, 0.0, 0.0], [0.0, 0.8, 0.0], [0.1, 0.2, 0.3]]),
+              1: torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.9, 0.05]])}
+    # 6 heads, keep 4: echo (0, 1), induction (0, 0), then long-range (1, 1), (0, 2)
+    p = RazorAttentionPress(retrieval_fraction=4 / 6, echo_fraction=1 / 6, induction_fraction=1 / 6,
+                            head_scores=scores)
+    assert p.retrieval_heads() == {(0, 1), (0, 0), (1, 1), (0, 2)}
+    # the paper's order (induction_fraction=None) takes (1, 0) by its induction score instead
+    p = RazorAttentionPress(retrieval_fraction=4 / 6, echo_fraction=1 / 6, head_scores=scores)
+    assert (1, 0) in p.retrieval_heads()
+    with pytest.raises(ValueError, match="induction_fraction"):
+        RazorAttentionPress(retrieval_fraction=0.2, echo_fraction=0.1, induction_fraction=0.2)
+    two_rows = {0: torch.zeros(2, 3)}
+    with pytest.raises(ValueError, match="long-range"):
+        RazorAttentionPress(retrieval_fraction=0.5, echo_fraction=0.0, induction_fraction=0.0,
+                            head_scores=two_rows).retrieval_heads()
+
+
 def test_probe_finds_an_induction_head_in_smollm():
     """On the offline SmolLM2 the random-token probe finds strong induction heads (a copy task a
     random model cannot do): the best KV head puts most of its attention on the next token."""
@@ -113,6 +132,8 @@ def test_probe_finds_an_induction_head_in_smollm():
     ind = torch.stack([v[0] for v in s.values()])
     assert ind.max() > 0.5
     assert float(ind.median()) < 0.05  # most heads are not retrieval heads
+    far = torch.stack([v[2] for v in s.values()])
+    assert ((far >= 0) & (far <= 1)).all() and far.max() > far.median()
 
 
 def test_bad_parameters_and_missing_scores(llama):

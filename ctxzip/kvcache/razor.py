@@ -13,7 +13,9 @@ earlier occurrence itself. Those heads keep their full cache. Every other head k
 weighs as ``n_dropped`` tokens (the paper's equation 5: its logit gets ``+ log n_dropped``).
 
 The head is the unit of compression, so recall of any span survives wherever a retrieval head
-can find it. Storage here is real: retrieval heads keep ``[B, |R|, N, d]``, the others
+can find it. Ours, optional (``induction_fraction``): beyond the clear echo/induction heads a
+small model's induction scores are ~0 and rank noise, so the remaining heads can be chosen by the
+same probe's long-range attention mass (attention more than :data:`FAR_WINDOW` tokens back). Storage here is real: retrieval heads keep ``[B, |R|, N, d]``, the others
 ``[B, |S|, sink + L_h, d]`` plus the compensation token (no padding to the longest head; the
 padded view exists only during attention, through the ``"ctxzip_ragged"`` attention). With
 ``quant`` (a :class:`~ctxzip.kvcache.kivi.KIVIPress`) both parts are stored KIVI-quantized
@@ -34,6 +36,9 @@ from .cache import BatchMappedLayer, EvictedLayer, _register_key_mask, _tensor_n
 from .kivi import KIVIPress
 
 __all__ = ["RazorAttentionPress", "HeadSplitLayer", "retrieval_head_scores"]
+
+#: distance beyond which attention counts as long-range in the probe's third score
+FAR_WINDOW = 64
 
 
 class _ProbePress(BasePress):
@@ -59,7 +64,11 @@ class _ProbePress(BasePress):
         j = qi - n  # the same token in the first copy
         ind = a[:, qi, j + 1].mean(-1)
         echo = a[:, qi, j].mean(-1)
-        self.scores[ctx.layer_idx] = torch.stack([ind, echo]).view(2, hk, hq // hk).cpu()
+        # long-range mass: attention on keys more than FAR_WINDOW tokens back, sink excluded
+        ki = torch.arange(t, device=a.device)
+        far_mask = (ki[None, :] >= 1) & (ki[None, :] < qi[:, None] - FAR_WINDOW)
+        far = (a[:, qi, :] * far_mask).sum(-1).mean(-1)
+        self.scores[ctx.layer_idx] = torch.stack([ind, echo, far]).view(3, hk, hq // hk).cpu()
         return None
 
 
@@ -68,8 +77,9 @@ def retrieval_head_scores(
     model: Any, *, length: int = 256, seeds: int = 3, bos_id: int | None = None
 ) -> dict[int, torch.Tensor]:
     """RazorAttention's data-free head scores (section 3.2): per full-attention layer index a
-    ``[2, Hkv]`` tensor - the induction score (row 0) and the echo score (row 1) of each KV head,
-    the largest over the query heads that read it (a KV head must stay whole if any of its
+    ``[3, Hkv]`` tensor - the induction score (row 0) and the echo score (row 1) of each KV head,
+    plus (row 2, ours) its long-range mass: attention on keys more than :data:`FAR_WINDOW`
+    tokens back (the sink excluded) - each the largest over the query heads that read it (a KV head must stay whole if any of its
     query heads retrieves). Scores are attention probabilities averaged over the second copy of
     ``seeds`` random sequences of ``length`` tokens, each repeated twice."""
     from .generate import prefill
@@ -90,7 +100,7 @@ def retrieval_head_scores(
         probe = _ProbePress(length)
         prefill(model, ids, probe)
         for li, s in probe.scores.items():
-            s = s.amax(-1)  # [2, Hkv]
+            s = s.amax(-1)  # [3, Hkv]
             total[li] = total[li] + s if li in total else s
     return {li: s / seeds for li, s in total.items()}
 
@@ -207,6 +217,10 @@ class RazorAttentionPress(BasePress):
             the top echo heads (``echo_fraction``) plus the top induction heads for the rest.
             The paper protects ~15% (1% echo + 14% induction).
         echo_fraction: share of KV heads chosen by echo score.
+        induction_fraction: ``None`` (the paper): every head after the echo heads is chosen by
+            induction score. A number: that share by induction score, and the rest of
+            ``retrieval_fraction`` by the probe's long-range mass (ours: beyond the few clear
+            echo/induction heads a small model's induction scores are ~0 and rank noise).
         min_buffer: the paper's ``S0`` (smallest buffer).
         sink: the first tokens every head keeps (``N0``, attention sinks).
         compensation: fold the dropped tokens into one compensation token (mean key, mean
@@ -222,6 +236,7 @@ class RazorAttentionPress(BasePress):
     budget: Budget = field(default_factory=lambda: Budget(rate=0.05))
     retrieval_fraction: float = 0.15
     echo_fraction: float = 0.01
+    induction_fraction: float | None = None
     min_buffer: int = 32
     sink: int = 4
     compensation: bool = True
@@ -236,6 +251,10 @@ class RazorAttentionPress(BasePress):
             raise ValueError(f"retrieval_fraction must be in [0, 1], got {self.retrieval_fraction!r}")
         if not 0.0 <= self.echo_fraction <= self.retrieval_fraction:
             raise ValueError("echo_fraction must be in [0, retrieval_fraction]")
+        if self.induction_fraction is not None and not (
+            0.0 <= self.induction_fraction <= self.retrieval_fraction - self.echo_fraction + 1e-12
+        ):
+            raise ValueError("induction_fraction must be in [0, retrieval_fraction - echo_fraction]")
         if self.min_buffer < 0 or self.sink < 0:
             raise ValueError("min_buffer and sink must be >= 0")
         for name in ("quant", "local_quant"):
@@ -262,12 +281,22 @@ class RazorAttentionPress(BasePress):
             echo = torch.tensor([float(self.head_scores[li][1, h]) for li, h in keys])
             n_total = round(self.retrieval_fraction * len(keys))
             n_echo = min(n_total, round(self.echo_fraction * len(keys)))
+            n_ind = n_total - n_echo
+            if self.induction_fraction is not None:
+                n_ind = min(n_ind, round(self.induction_fraction * len(keys)))
             chosen: list[int] = torch.argsort(echo, descending=True, stable=True)[:n_echo].tolist()
-            for i in torch.argsort(ind, descending=True, stable=True).tolist():
-                if len(chosen) >= n_total:
-                    break
-                if i not in chosen:
-                    chosen.append(i)
+            order = [(ind, n_echo + n_ind)]
+            if self.induction_fraction is not None:
+                if any(self.head_scores[li].shape[0] < 3 for li in self.head_scores):
+                    raise ValueError("induction_fraction needs the long-range row of retrieval_head_scores")
+                far = torch.tensor([float(self.head_scores[li][2, h]) for li, h in keys])
+                order.append((far, n_total))
+            for score, upto in order:
+                for i in torch.argsort(score, descending=True, stable=True).tolist():
+                    if len(chosen) >= upto:
+                        break
+                    if i not in chosen:
+                        chosen.append(i)
             self._retrieval = {keys[i] for i in chosen}
         return self._retrieval
 
