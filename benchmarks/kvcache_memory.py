@@ -294,7 +294,8 @@ def plot(result: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    marker = {"evict": "o", "quantize": "s", "evict+quantize": "*", "low-rank": "^", "head-split+quantize": "P"}
+    marker = {"evict": "o", "quantize": "s", "evict+quantize": "*", "low-rank": "^", "head-split+quantize": "P",
+              "head-split": "P"}
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
     for i, kind in enumerate(("prose", "code")):
         for j, t in enumerate(TARGETS):
@@ -314,9 +315,11 @@ def plot(result: dict, path: Path) -> None:
             ax.minorticks_off()
             ax.set_xlabel("cache bytes / bf16 cache")
             ax.set_ylabel("context benefit retained")
+    n = sorted({v[k]["docs"] for v in result["summary"].values() for k in v})
+    docs = f"{n[0]}" if len(n) == 1 else f"{n[0]}-{n[-1]}"
     fig.suptitle(f"KV cache at equal bytes (SmolLM2-135M, {result['context_tokens']} tokens, "
-                 f"{result['docs_per_kind']}+{result['docs_per_kind']} docs; o evict, s quantize, "
-                 "* evict+quantize, ^ low-rank)", fontsize=9)
+                 f"{docs} docs per kind; o evict, s quantize, * evict+quantize, ^ low-rank, "
+                 "P head-split(+quantize))", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
