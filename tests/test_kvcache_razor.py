@@ -155,3 +155,16 @@ def test_bad_parameters_and_missing_scores(llama):
     p = RazorAttentionPress(budget=Budget(tokens=8))
     prefill(llama, random_ids(1, T, 4), p)
     assert p.head_scores is not None and len(p.retrieval_heads()) >= 1
+
+
+def test_bytes_grow_linearly_with_the_buffer_and_the_retrieval_share(llama):
+    ids = random_ids(1, T, 5)
+
+    def nbytes(buf, frac):
+        press = RazorAttentionPress(budget=Budget(tokens=buf), min_buffer=0, retrieval_fraction=frac, sink=2,
+                                    compensation=False)
+        return cache_nbytes(prefill(llama, ids, press))
+
+    b8, b16, b24 = nbytes(8, 0.25), nbytes(16, 0.25), nbytes(24, 0.25)
+    assert b8 < b16 < b24 and b16 - b8 == b24 - b16
+    assert nbytes(8, 0.25) < nbytes(8, 0.5) < nbytes(8, 0.75)
