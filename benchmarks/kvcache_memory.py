@@ -38,11 +38,13 @@ from ctxzip.kvcache import (  # noqa: E402
     KIVIPress,
     LowRankPress,
     ObservedAttentionPress,
+    RazorAttentionPress,
     SnapKVPress,
     cache_nbytes,
     dense_cache_nbytes,
     prefill,
 )
+from ctxzip.kvcache.evaluate import razor_kivi  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TARGETS = ("continuation", "recall")
@@ -89,6 +91,47 @@ def configs(cal_fn) -> dict:
     out["h2o0.58+kivi_k2v2_w0"] = ("evict+quantize", lambda: e(
         evict=H2OPress(budget=Budget(rate=0.58)),
         quant=KIVIPress(key_bits=2, value_bits=2, key_group=64, window=0)))
+    # session 5: RazorAttention - retrieval heads keep every token, the rest sinks + a 64-token
+    # buffer + a compensation token; both parts KIVI (4-bit pre-RoPE keys, 2-bit values after a
+    # Hadamard rotation). Chosen on 2 + 2 documents (the "razor screen" rows below; written to
+    # results/kvcache_razor_screen.json with --docs 2), then run on 20 + 20.
+    def rz(frac=0.38, buf=64, echo=0.1, kb=4, vb=2, kg=128, vg=64, rot=True, comp=True, fp=False, lvg=64):
+        def q(v):
+            return KIVIPress(key_bits=kb, value_bits=vb, key_group=kg, value_group=v, window=0, rotate_values=rot)
+        return RazorAttentionPress(
+            budget=Budget(tokens=buf), retrieval_fraction=frac, echo_fraction=echo, min_buffer=0,
+            compensation=comp, quant=None if fp else q(vg), local_quant=None if fp else q(lvg))
+
+    # the final choice = ctxzip.kvcache.evaluate.razor_kivi (`ctxzip kv eval --press razor+kivi`),
+    # picked on the dev documents (--doc-offset 20 --docs 6) among the rows below
+    out["razor0.36_b96+kivi_k4v2_rot_vg32_ind0.05"] = ("head-split+quantize", lambda: razor_kivi())
+    # the first choice (from the 2 + 2 screen, the paper's echo-then-induction order), run on 20 + 20
+    out["razor0.38_b64+kivi_k4v2_rot_vg32"] = ("head-split+quantize", lambda: razor_kivi(
+        Budget(tokens=64), retrieval_fraction=0.38, induction_fraction=None))
+    # the same, beyond 10% echo + `ind` induction heads choosing the rest by the probe's long-range
+    # mass (tuned on the dev documents: --doc-offset 20 --docs 6)
+    for ind in (0.05, 0.10):
+        out[f"razor0.38_b64+kivi_k4v2_rot_vg32_ind{ind}"] = ("head-split+quantize", lambda ind=ind: razor_kivi(
+            Budget(tokens=64), retrieval_fraction=0.38, induction_fraction=ind))
+    # ... with a longer buffer for continuation, paid by coarser values on the retrieval heads
+    out["razor0.38_b96+kivi_k4v2_rot_ind0.05"] = ("head-split+quantize", lambda: razor_kivi(
+        retrieval_fraction=0.38, quant=KIVIPress(
+            key_bits=4, value_bits=2, key_group=128, value_group=64, window=0, rotate_values=True)))
+    screen = {
+        # full precision (bytes ~0.42): what the head split alone costs
+        "fp_e0.01": dict(fp=True, echo=0.01), "fp_e0.01_nocomp": dict(fp=True, echo=0.01, comp=False),
+        "fp_e0.10_nocomp": dict(fp=True, comp=False), "fp_e0.19_nocomp": dict(fp=True, echo=0.19, comp=False),
+        # KIVI, no value rotation
+        "k4v2_e0.01": dict(echo=0.01, rot=False), "k4v2_e0.01_nocomp": dict(echo=0.01, rot=False, comp=False),
+        "k8v2_e0.01": dict(echo=0.01, rot=False, kb=8), "k4v4_e0.01": dict(echo=0.01, rot=False, vb=4, lvg=64),
+        "k4v2_f0.38": dict(rot=False), "k4v2_f0.40": dict(frac=0.40, rot=False),
+        "k4v2_f0.42_kg256": dict(frac=0.42, rot=False, kg=256), "k4v2_f0.44_kg256": dict(frac=0.44, rot=False, kg=256),
+        # rotated values
+        "rot_f0.38": dict(), "rot_f0.40": dict(frac=0.40), "rot_f0.38_vg32": dict(vg=32),
+        "rot_f0.38_b80_kg256_vg32": dict(buf=80, kg=256, vg=32),
+    }
+    for name, kw in screen.items():
+        out[f"razor screen/{name}"] = ("head-split" if kw.get("fp") else "head-split+quantize", lambda kw=kw: rz(**kw))
     out["lowrank0.25"] = ("low-rank", lambda: LowRankPress(budget=Budget(rate=0.25), calibration=cal_fn()))
     return out
 
@@ -101,6 +144,9 @@ def main() -> int:
     ap.add_argument("--continuation-tokens", type=int, default=128)
     ap.add_argument("--recall-spans", type=int, default=16)
     ap.add_argument("--only", default=None, help="comma-separated config names")
+    ap.add_argument("--doc-offset", type=int, default=0,
+                    help="skip the first K documents of each kind (a dev set after the evaluated ones: "
+                         "--doc-offset 20 --docs 6 --out results/kvcache_memory_dev.json)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="JSON path (default results/kvcache_memory[_quick].json)")
     ap.add_argument("--fresh", action="store_true", help="ignore rows of a previous run")
@@ -124,7 +170,8 @@ def main() -> int:
 
     ev = ContextEvaluator()
     model = ev.model
-    docs = {"prose": prose_documents(n_docs), "code": code_documents(n_docs)}
+    off = args.doc_offset
+    docs = {"prose": prose_documents(off + n_docs)[off:], "code": code_documents(off + n_docs)[off:]}
     cases = {
         kind: [ev.make_case(d.text, context_tokens=ctx_tokens, continuation_tokens=args.continuation_tokens,
                             n_recall=args.recall_spans, doc_id=d.id) for d in ds]
@@ -136,7 +183,7 @@ def main() -> int:
     def calibration():
         # PCA on local documents the evaluation does not use (the next ones in each corpus)
         if "cal" not in cal_cache:
-            extra = prose_documents(n_docs + 3)[n_docs:] + code_documents(n_docs + 3)[n_docs:]
+            extra = prose_documents(off + n_docs + 3)[off + n_docs:] + code_documents(off + n_docs + 3)[off + n_docs:]
             texts = [d.text for d in extra if d.id not in used]
             cal_cache["cal"] = LowRankPress(budget=Budget(rate=0.5)).calibrate(
                 model, ev.tokenizer, texts=texts, max_tokens=ctx_tokens).calibration
@@ -247,7 +294,8 @@ def plot(result: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    marker = {"evict": "o", "quantize": "s", "evict+quantize": "*", "low-rank": "^"}
+    marker = {"evict": "o", "quantize": "s", "evict+quantize": "*", "low-rank": "^", "head-split+quantize": "P",
+              "head-split": "P"}
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
     for i, kind in enumerate(("prose", "code")):
         for j, t in enumerate(TARGETS):
@@ -267,9 +315,11 @@ def plot(result: dict, path: Path) -> None:
             ax.minorticks_off()
             ax.set_xlabel("cache bytes / bf16 cache")
             ax.set_ylabel("context benefit retained")
+    n = sorted({v[k]["docs"] for v in result["summary"].values() for k in v})
+    docs = f"{n[0]}" if len(n) == 1 else f"{n[0]}-{n[-1]}"
     fig.suptitle(f"KV cache at equal bytes (SmolLM2-135M, {result['context_tokens']} tokens, "
-                 f"{result['docs_per_kind']}+{result['docs_per_kind']} docs; o evict, s quantize, "
-                 "* evict+quantize, ^ low-rank)", fontsize=9)
+                 f"{docs} docs per kind; o evict, s quantize, * evict+quantize, ^ low-rank, "
+                 "P head-split(+quantize))", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -26,6 +26,7 @@ from ctxzip.kvcache import (
     LowRankLayer,
     LowRankPress,
     RaggedLayer,
+    RazorAttentionPress,
     SnapKVPress,
     StreamingLLMPress,
     cache_nbytes,
@@ -71,13 +72,15 @@ def make_press(name: str, budget: Budget, model=None, family=None, **kw):
         return EMSPress(budget=budget, window=8, **kw)
     if name == "ems_uniform":
         return EMSPress(budget=budget, window=8, head_budget="uniform", **kw)
+    if name == "razor":
+        return RazorAttentionPress(budget=budget, min_buffer=4, retrieval_fraction=0.5, **kw)
     if name == "lowrank":
         return LowRankPress(budget=budget, recent_window=8, calibration=_calibration(model, family))
     raise KeyError(name)
 
 
 EVICTION = ["streaming", "snapkv", "snapkv_adaptive", "h2o", "knorm", "ems", "ems_uniform"]
-ALL = EVICTION + ["lowrank"]
+ALL = EVICTION + ["razor", "lowrank"]
 
 
 def _ids(b=1, t=T, seed=0):
@@ -132,7 +135,7 @@ def test_positions_continue_from_original_length(models, family):
 
 
 # ------------------------------------------------------------------ batch with left padding
-PAD_EXACT = ["streaming", "snapkv", "h2o", "knorm", "ems_uniform", "lowrank"]
+PAD_EXACT = ["streaming", "snapkv", "h2o", "knorm", "ems_uniform", "razor", "lowrank"]
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

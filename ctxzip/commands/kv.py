@@ -10,7 +10,7 @@ from typing import Any
 PRESS_NAMES = [
     "streaming_llm", "snapkv", "snapkv_adaptive", "h2o", "knorm", "ems", "gear", "lowrank",
     "snapkv+gear", "observed_attention", "observed_attention_adaptive", "tova", "pyramidkv",
-    "pyramidkv_adaptive",
+    "pyramidkv_adaptive", "razor", "razor+kivi",
 ]
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "pack_codes",
     "unpack_codes",
     "SUPPORTED_BITS",
+    "orthogonal_rotation",
 ]
 
 SUPPORTED_BITS = (2, 4, 8)
@@ -202,3 +203,27 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch
     if qt.lr_a is not None:
         x = x + qt.lr_a.float() @ qt.lr_b.float()
     return x.to(dtype)
+
+
+_ROTATIONS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def orthogonal_rotation(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A fixed ``[d, d]`` orthonormal matrix that spreads outlier channels before per-token
+    quantization (QuaRot, Ashkboos et al., 2024, arXiv 2404.00456): the normalised Sylvester
+    Hadamard matrix when ``d`` is a power of two, else a seeded random orthogonal matrix.
+    ``x @ R`` is quantized; ``dequantize(...) @ R.T`` undoes it. A model constant (cached)."""
+    if d < 1:
+        raise ValueError(f"d must be >= 1, got {d}")
+    key = (int(d), str(device))
+    if key not in _ROTATIONS:
+        if d & (d - 1) == 0:
+            h = torch.ones(1, 1)
+            while h.shape[0] < d:
+                h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+            r = h / d**0.5
+        else:
+            g = torch.Generator().manual_seed(d)
+            r, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+        _ROTATIONS[key] = r.to(device)
+    return _ROTATIONS[key]

@@ -23,6 +23,7 @@ from .knorm import KNormPress
 from .lowrank import LowRankLayer, LowRankPress, PCACalibration, calibrate_pca
 from .observed_attention import ObservedAttentionPress, observed_attention_score
 from .pyramidkv import PyramidKVPress, pyramid_budgets
+from .razor import HeadSplitLayer, RazorAttentionPress, retrieval_head_scores
 from .snapkv import SnapKVPress
 from .streaming_llm import StreamingLLMPress
 from .tova import TOVAPress
@@ -59,6 +60,9 @@ __all__ = [
     "TOVAPress",
     "PyramidKVPress",
     "pyramid_budgets",
+    "RazorAttentionPress",
+    "HeadSplitLayer",
+    "retrieval_head_scores",
     "generate",
     "prefill",
 ]

@@ -382,23 +382,38 @@ def _ctxzip_attention(
     b, hq, q_len, _ = query.shape
     hkv, kv_len = key.shape[1], key.shape[2]
     groups = hq // hkv
+    # a boolean [H, kv] mask (True = stored entry) or an additive float [B|1, H, kv] bias
+    # (-inf = empty slot; e.g. a compensation token's log-weight, see kvcache.razor)
+    additive = head_mask.is_floating_point()
+    if additive and head_mask.dim() == 2:
+        head_mask = head_mask[None]
+    head_dim = 1 if additive else 0
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-        head_mask = head_mask.repeat_interleave(groups, dim=0)
-    mask = head_mask[None, :, None, :]  # [1, Hq, 1, kv]
+        head_mask = head_mask.repeat_interleave(groups, dim=head_dim)
+    mask = head_mask[:, :, None, :] if additive else head_mask[None, :, None, :]  # [B|1, Hq, 1, kv]
+    allowed = None
     if attention_mask is None:
         # a plain causal pattern aligned to the end of the keys
         qi = torch.arange(q_len, device=key.device)[:, None] + (kv_len - q_len)
         ki = torch.arange(kv_len, device=key.device)[None, :]
-        mask = mask & (ki <= qi)[None, None]
+        allowed = (ki <= qi)[None, None]
     elif attention_mask.shape[-1] != kv_len:
         raise ValueError(
             f"attention mask covers {attention_mask.shape[-1]} keys but the ragged layer holds "
             f"{kv_len}: all ragged layers of a model must share one padded length (pad_to)"
         )
     elif attention_mask.dtype == torch.bool:
-        mask = mask & attention_mask
+        allowed = attention_mask
+    if additive:
+        mask = mask.to(query.dtype)
+        if allowed is not None:
+            mask = mask.masked_fill(~allowed, float("-inf"))
+        else:
+            mask = mask + attention_mask.to(query.dtype)
+    elif allowed is not None:
+        mask = mask & allowed
     else:
         mask = torch.where(mask, attention_mask, torch.finfo(attention_mask.dtype).min)
     out = torch.nn.functional.scaled_dot_product_attention(

@@ -18,15 +18,33 @@ from .ems import EMSPress
 from .gear import GEARPress
 from .generate import prefill
 from .h2o import H2OPress
+from .kivi import KIVIPress
 from .knorm import KNormPress
 from .lowrank import LowRankPress
 from .observed_attention import ObservedAttentionPress
 from .pyramidkv import PyramidKVPress
+from .razor import RazorAttentionPress
 from .snapkv import SnapKVPress
 from .streaming_llm import StreamingLLMPress
 from .tova import TOVAPress
 
 __all__ = ["PRESSES", "QUALITY_PRESSES", "EVICTION_PRESSES", "make_press", "evaluate_press", "compress_many"]
+
+
+def razor_kivi(budget: Budget | None = None, **kw: Any) -> RazorAttentionPress:
+    """The 10%-of-bf16-bytes configuration of ``benchmarks/kvcache_memory.py``: RazorAttention
+    with 36% of the KV heads kept whole - the top 10% by echo score, 5% by induction score, the
+    rest by the probe's long-range mass - and the others a ``budget``-token buffer (default 96)
+    + sinks + compensation token; both parts KIVI with 4-bit pre-RoPE keys and 2-bit
+    Hadamard-rotated values (value groups of 32 channels on the retrieval heads). Chosen on
+    dev documents (the 21st-26th of each kind); ``kw`` overrides any press field."""
+
+    def kivi(vg: int) -> KIVIPress:
+        return KIVIPress(key_bits=4, value_bits=2, key_group=128, value_group=vg, window=0, rotate_values=True)
+
+    opts: dict[str, Any] = {"retrieval_fraction": 0.36, "echo_fraction": 0.1, "induction_fraction": 0.05,
+                            "min_buffer": 0, "quant": kivi(32), "local_quant": kivi(64)} | kw
+    return RazorAttentionPress(budget=budget or Budget(tokens=96), **opts)
 
 
 def _lowrank(budget: Budget, **kw: Any) -> LowRankPress:
@@ -50,6 +68,8 @@ PRESSES: dict[str, Callable[..., BasePress]] = {
     "pyramidkv_adaptive": lambda b, **kw: PyramidKVPress(budget=b, head_budget="adaptive", **kw),
     "gear": lambda b, **kw: GEARPress(budget=b, **kw),
     "lowrank": _lowrank,
+    "razor": lambda b, **kw: RazorAttentionPress(budget=b, **kw),
+    "razor+kivi": lambda b, **kw: razor_kivi(b, **kw),
     "snapkv+gear": lambda b, **kw: EvictThenQuantizePress(
         evict=SnapKVPress(budget=b), quant=GEARPress(**kw)
     ),

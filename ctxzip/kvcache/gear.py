@@ -170,8 +170,8 @@ class GEARLayer(BatchMappedLayer):
         self.chunks: list[GEARChunk] = []
         # attention sinks: the first `sink` stored tokens stay in full precision
         s = min(int(press.sink), n)
-        self.sink_keys = keys[:, :, :s].contiguous()
-        self.sink_values = values[:, :, :s].contiguous()
+        self.sink_keys = keys[:, :, :s].clone()
+        self.sink_values = values[:, :, :s].clone()
         keys, values = keys[:, :, s:], values[:, :, s:]
         self.keys = keys[:, :, :0]
         self.values = values[:, :, :0]
@@ -201,8 +201,8 @@ class GEARLayer(BatchMappedLayer):
                 )
             )
         self.n_compressed += n_full
-        self.keys = self.keys[:, :, n_full:].contiguous()
-        self.values = self.values[:, :, n_full:].contiguous()
+        self.keys = self.keys[:, :, n_full:].clone()
+        self.values = self.values[:, :, n_full:].clone()
         self._deq = None
 
     def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ Storage counted by :meth:`KIVILayer.nbytes`: codes, fp16 scales and zeros, the f
 sink and recent window, tokens decoded later (kept in full precision: the cache update API
 carries no ``cos``/``sin`` to un-rotate them, as CSKV's bi-branch cache keeps new tokens), and,
 with pre-RoPE keys, one int16 position per stored token and KV head (needed to re-rotate
-after eviction). The ``cos``/``sin`` table of the prefill positions is a recomputable model
+after eviction; not stored when the quantized tokens are consecutive, i.e. nothing was evicted). The ``cos``/``sin`` table of the prefill positions is a recomputable model
 constant shared by all layers (:meth:`KIVILayer.shared_nbytes`), like the RoPE frequencies.
 """
 
@@ -32,7 +32,13 @@ from typing import Any
 
 import torch
 
-from ..kernels.quant import SUPPORTED_BITS, QuantizedTensor, dequantize, quantize
+from ..kernels.quant import (
+    SUPPORTED_BITS,
+    QuantizedTensor,
+    dequantize,
+    orthogonal_rotation,
+    quantize,
+)
 from .base import BasePress, LayerContext
 from .cache import BatchMappedLayer, _tensor_nbytes
 
@@ -83,13 +89,17 @@ class KIVILayer(BatchMappedLayer):
         tail_keys: torch.Tensor,
         tail_values: torch.Tensor,
         logical_length: int,
+        pos_start: int = 0,
+        value_rotation: torch.Tensor | None = None,
     ):
         super().__init__()
         self.lazy_initialization(tail_keys, tail_values)
         self.sink_keys, self.sink_values = sink_keys, sink_values
         self.kq, self.vq = kq, vq
-        self.positions = positions  # int16/int32 [B, H, M] or None (post-RoPE codes)
-        self.rope = rope  # (cos, sin) [Bc, T, d_rot] shared model constant, or None
+        self.positions = positions  # int16/int32 [B, H, M], or None: post-RoPE codes or implicit
+        self.rope = rope  # (cos, sin) [Bc, T, d_rot] shared model constant, or None (post-RoPE)
+        self.pos_start = int(pos_start)  # with rope and no positions: token i sat at pos_start + i
+        self.value_rotation = value_rotation  # [dv, dv] orthonormal model constant, or None
         self.keys, self.values = tail_keys, tail_values
         self.logical_length = int(logical_length)
 
@@ -102,10 +112,13 @@ class KIVILayer(BatchMappedLayer):
         if self.vq is None:
             return self.keys[:, :, :0], self.values[:, :, :0]
         k = torch.cat([dequantize(q) for q in self.kq], dim=2)
-        if self.positions is not None:
+        if self.rope is not None:
             cos, sin = self.rope
-            b, h, m = self.positions.shape
-            pos = self.positions.long()
+            b, h, m = k.shape[:3]
+            if self.positions is None:  # every token from pos_start on: positions are implicit
+                pos = torch.arange(self.pos_start, self.pos_start + m, device=k.device).expand(b, h, m)
+            else:
+                pos = self.positions.long()
             if cos.shape[0] != b:
                 cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
             idx = pos.reshape(b, h * m, 1).expand(-1, -1, cos.shape[-1])
@@ -113,6 +126,8 @@ class KIVILayer(BatchMappedLayer):
             s = sin.float().gather(1, idx).view(b, h, m, -1)
             k = rotate_keys(k, c, s)
         v = dequantize(self.vq)
+        if self.value_rotation is not None:
+            v = v @ self.value_rotation.T.float()
         return k.to(self.keys.dtype), v.to(self.values.dtype)
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -144,7 +159,7 @@ class KIVILayer(BatchMappedLayer):
 
     def shared_nbytes(self) -> int:
         """Bytes of the RoPE table this layer references (shared by all layers, recomputable)."""
-        return 0 if self.rope is None else _tensor_nbytes(list(self.rope), set())
+        return _tensor_nbytes([t for t in (*(self.rope or ()), self.value_rotation) if t is not None], set())
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a compressed cache layer cannot be cropped")
@@ -159,6 +174,7 @@ class KIVILayer(BatchMappedLayer):
         self.vq = None if self.vq is None else qt(self.vq)
         if self.positions is not None:
             self.positions = fn(self.positions)
+        if self.rope is not None:
             cos, sin = self.rope
             if cos.shape[0] > 1:
                 self.rope = (fn(cos), fn(sin))
@@ -186,6 +202,9 @@ class KIVIPress(BasePress):
             the paper - it costs 16 bits per entry, so small windows suit 10%-bytes budgets).
         pre_rope: quantize keys before RoPE (KVQuant) and store one position per token to
             rotate them back; ``False`` quantizes post-RoPE keys (KIVI as published).
+        rotate_values: multiply values by a fixed orthonormal (Hadamard) matrix before their
+            per-token quantization and by its transpose after (QuaRot's rotation, here on the
+            cache only): outlier channels are spread over the group, so 2-bit values lose less.
     """
 
     key_bits: int = 4
@@ -195,6 +214,7 @@ class KIVIPress(BasePress):
     sink: int = 4
     window: int = 16
     pre_rope: bool = True
+    rotate_values: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -223,8 +243,10 @@ class KIVIPress(BasePress):
         s = min(self.sink, n)
         m = max(0, n - s - self.window)
         e = s + m
-        sink_k, sink_v = keys[:, :, :s].contiguous(), values[:, :, :s].contiguous()
-        tail_k, tail_v = keys[:, :, e:].contiguous(), values[:, :, e:].contiguous()
+        # clone, not contiguous(): a slice that is already contiguous (one head, or an empty
+        # tail) would stay a view and keep the whole full-precision input alive
+        sink_k, sink_v = keys[:, :, :s].clone(), values[:, :, :s].clone()
+        tail_k, tail_v = keys[:, :, e:].clone(), values[:, :, e:].clone()
         if m == 0:
             return KIVILayer(sink_k, sink_v, [], None, None, None, tail_k, tail_v, logical_length)
         k = keys[:, :, s:e].float()
@@ -241,7 +263,10 @@ class KIVIPress(BasePress):
             sn = sb.float().gather(1, idx).view(b, h, m, -1)
             k = rotate_keys(k, c, sn, inverse=True)
             rope = (cos, sin)
-            pos = p.to(torch.int16 if ctx.seq_len < 2**15 else torch.int32)
+            if bool((p == torch.arange(s, e, device=p.device)).all()):
+                pos = None  # consecutive positions (nothing evicted): not stored
+            else:
+                pos = p.to(torch.int16 if ctx.seq_len < 2**15 else torch.int32)
         kq = []
         n_full = m // self.key_group * self.key_group
         if n_full:
@@ -250,6 +275,10 @@ class KIVIPress(BasePress):
         if m - n_full:
             kq.append(quantize(k[:, :, n_full:].contiguous(), bits=self.key_bits,
                                group_size=m - n_full, axis="channel"))
+        rot = orthogonal_rotation(v.shape[-1], v.device) if self.rotate_values else None
+        if rot is not None:
+            v = v @ rot
         vq = quantize(v.contiguous(), bits=self.value_bits,
                       group_size=_value_group(v.shape[-1], self.value_group), axis="token")
-        return KIVILayer(sink_k, sink_v, kq, vq, pos, rope, tail_k, tail_v, logical_length)
+        return KIVILayer(sink_k, sink_v, kq, vq, pos, rope, tail_k, tail_v, logical_length, pos_start=s,
+                         value_rotation=rot)
