@@ -268,3 +268,29 @@ def test_onnx_backend_bad_options(tiny_dir, tmp_path):
         OnnxClassifier(model, tok, attention="flash", cache=tmp_path)
     with pytest.raises(ValueError, match="fp32"):
         OnnxClassifier(model, tok, fp32=("ffn",), cache=tmp_path)
+
+
+def test_onnx_exact_rechecks_the_context_level_filter(tiny_dir, monkeypatch):
+    """compress_contexts keeps contexts by the order of their mean keep probabilities: with the
+    ONNX output replaced by noise and a huge margin, every context is re-classified by torch and
+    the kept contexts and text equal torch's."""
+    pytest.importorskip("onnxruntime")
+    import ctxzip.prompt.token_classifier as tc
+
+    parts = list(dict.fromkeys(p for p in TEXT.split("\n") if p.strip())) + [
+        "Tuples are immutable sequences, typically used to store collections of heterogeneous data.",
+        "The with statement wraps the execution of a block with methods defined by a context manager.",
+        "Return the number of items in a container; len(s) works for strings, lists and dicts.",
+    ]
+    ref, ex = make(tiny_dir), make(tiny_dir, fast="onnx-exact")
+    ex.classifier()
+    orig = ex._ort.map
+    rng = np.random.default_rng(1)
+    monkeypatch.setattr(ex._ort, "map", lambda seqs, **k: [rng.random(p.shape) for p in orig(seqs, **k)])
+    monkeypatch.setattr(tc, "EXACT_MARGIN", 1.0)
+    for rate in (0.3, 0.6):
+        a = ref.compress_contexts(parts, budget=Budget(rate=rate))
+        b = ex.compress_contexts(parts, budget=Budget(rate=rate))
+        assert a.details["kept_contexts"] == b.details["kept_contexts"]
+        assert 0 < len(a.details["kept_contexts"]) < len(parts)
+        assert a.text == b.text

@@ -738,9 +738,18 @@ class TokenClassifierCompressor(TextCompressor):
             else:
                 cb = check_budget(context_budget)
                 c_rate = cb.rate if cb.rate is not None else min(1.0, cb.resolve(n_total) / max(n_total, 1))
-            cp = np.asarray([float(ws.prob_raw.mean()) if ws is not None and len(ws.prob_raw) else 0.0 for ws in scores])
-            thr = np.percentile(cp, int(100 * (1 - c_rate)))
-            keep_ctx = cp >= thr
+            def context_keep(scores: list) -> np.ndarray:
+                cp = np.asarray([float(ws.prob_raw.mean()) if ws is not None and len(ws.prob_raw) else 0.0
+                                 for ws in scores])
+                return cp >= np.percentile(cp, int(100 * (1 - c_rate))), cp
+
+            keep_ctx, cp = context_keep(scores)
+            if (self.fast == "onnx-exact" and keep_ctx.any() and not keep_ctx.all()
+                    and cp[keep_ctx].min() - cp[~keep_ctx].max() <= 2 * EXACT_MARGIN):
+                # a context mean is within the ONNX/torch bound of the cut (the decision depends
+                # only on the order of the means): re-classify every context with torch
+                scores = [None if ws is None else ws.recheck(np.unique(ws.chunk)) for ws in scores]
+                keep_ctx, cp = context_keep(scores)
             for i in force_context_ids or []:
                 if not 0 <= i < len(contexts):
                     raise ValueError(f"force_context_ids has {i}, but there are {len(contexts)} contexts")
