@@ -21,8 +21,10 @@ Storage counted by :meth:`KIVILayer.nbytes`: codes, fp16 scales and zeros, the f
 sink and recent window, tokens decoded later (kept in full precision: the cache update API
 carries no ``cos``/``sin`` to un-rotate them, as CSKV's bi-branch cache keeps new tokens), and,
 with pre-RoPE keys, one int16 position per stored token and KV head (needed to re-rotate
-after eviction; not stored when the quantized tokens are consecutive, i.e. nothing was evicted). The ``cos``/``sin`` table of the prefill positions is a recomputable model
-constant shared by all layers (:meth:`KIVILayer.shared_nbytes`), like the RoPE frequencies.
+after eviction; not stored when the quantized tokens are consecutive, i.e. nothing was
+evicted). The ``cos``/``sin`` table of the prefill positions is a recomputable model constant
+shared by all layers (:meth:`KIVILayer.shared_nbytes`), like the RoPE frequencies (and the
+value rotation matrix, with ``rotate_values``).
 """
 
 from __future__ import annotations
@@ -158,7 +160,8 @@ class KIVILayer(BatchMappedLayer):
         )
 
     def shared_nbytes(self) -> int:
-        """Bytes of the RoPE table this layer references (shared by all layers, recomputable)."""
+        """Bytes of the RoPE table and value rotation this layer references (model constants
+        shared by all layers, recomputable)."""
         return _tensor_nbytes([t for t in (*(self.rope or ()), self.value_rotation) if t is not None], set())
 
     def crop(self, tokens_to_remove: int) -> None:

@@ -10,12 +10,14 @@ earlier occurrence itself. Those heads keep their full cache. Every other head k
 ``sink`` tokens and the most recent ``L_h = max(S0, N / C)`` tokens (Algorithm 1; here
 ``min_buffer`` = S0 and ``budget`` gives ``N / C``), and the dropped tokens are folded into one
 **compensation token** ``k_hat = mean(K_dropped)``, ``v_hat = mean(V_dropped)`` that attention
-weighs as ``n_dropped`` tokens (the paper's equation 5: its logit gets ``+ log n_dropped``).
+weighs as ``n_dropped`` tokens (its logit gets ``+ log n_dropped``: our reading of the paper's
+equations 4-5, whose exact text could not be checked here; ``compensation=False`` drops it).
 
 The head is the unit of compression, so recall of any span survives wherever a retrieval head
 can find it. Ours, optional (``induction_fraction``): beyond the clear echo/induction heads a
-small model's induction scores are ~0 and rank noise, so the remaining heads can be chosen by the
-same probe's long-range attention mass (attention more than :data:`FAR_WINDOW` tokens back). Storage here is real: retrieval heads keep ``[B, |R|, N, d]``, the others
+small model's induction scores are ~0 and rank noise, so the remaining heads can be chosen by
+the same probe's long-range attention mass (attention more than :data:`FAR_WINDOW` tokens
+back). Storage here is real: retrieval heads keep ``[B, |R|, N, d]``, the others
 ``[B, |S|, sink + L_h, d]`` plus the compensation token (no padding to the longest head; the
 padded view exists only during attention, through the ``"ctxzip_ragged"`` attention). With
 ``quant`` (a :class:`~ctxzip.kvcache.kivi.KIVIPress`) both parts are stored KIVI-quantized
@@ -228,8 +230,9 @@ class RazorAttentionPress(BasePress):
         quant: store the retrieval heads with this :class:`~ctxzip.kvcache.kivi.KIVIPress`
             (its ``sink``/``window`` apply per part); ``None`` keeps full precision.
         local_quant: the same for the other heads (default: ``quant``).
-        head_scores: ``{layer: [2, Hkv]}`` from :func:`retrieval_head_scores`; computed on the
-            model the first time the press is applied when ``None``.
+        head_scores: ``{layer: [3, Hkv]}`` (induction, echo, long-range mass) from
+            :func:`retrieval_head_scores` (two rows suffice without ``induction_fraction``);
+            computed on the model the first time the press is applied when ``None``.
         probe_length: random tokens per probe copy when the scores are computed here.
     """
 
@@ -371,7 +374,7 @@ class RazorAttentionPress(BasePress):
         return HeadSplitLayer(full, local, full_heads, local_heads, comp, t, t, ctx.keys)
 
     def describe(self) -> dict[str, Any]:
-        """The chosen heads and the per-part sizes (for logs)."""
+        """The chosen ``(layer, kv_head)`` retrieval heads and their number (for logs)."""
         r = sorted(self.retrieval_heads())
         return {"retrieval_heads": r, "n_retrieval": len(r)}
 
