@@ -45,21 +45,6 @@ DEFAULT_LABELS = Path.home() / ".cache" / "ctxzip" / "distill" / "labels-1632.pk
 RATES = (0.5, 0.33)
 
 
-def greedy(score: np.ndarray, cnt: np.ndarray, cap: float) -> np.ndarray:
-    """The coarse stage's rule: best sentences first until the cap is crossed (the crossing
-    sentence is kept)."""
-    keep = np.zeros(len(score), dtype=bool)
-    left = cap
-    for i in np.argsort(-score, kind="stable"):
-        if cnt[i] <= 0:
-            continue
-        keep[i] = True
-        left -= cnt[i]
-        if left < 0:
-            break
-    return keep
-
-
 def prepare(rec: dict, enc_tok, lm_tok) -> dict:
     """Sentence index of every word, LM tokens per word and per sentence, teacher sentence ranks."""
     from ctxzip.prompt import distill as D
@@ -81,6 +66,8 @@ def prepare(rec: dict, enc_tok, lm_tok) -> dict:
 
 
 def agreement(word_scores: list[np.ndarray], preps: list[dict]) -> dict:
+    from ctxzip.budget import fill_until
+
     out: dict = {}
     sp = []
     for rate in RATES:
@@ -90,10 +77,10 @@ def agreement(word_scores: list[np.ndarray], preps: list[dict]) -> dict:
                 continue
             cnt = p["tcnt"]
             cap = float(np.ceil(rate * cnt.sum()))
-            t_keep = greedy(p["srank"] - 9 * (cnt == 0), cnt, cap)
+            t_keep = fill_until(p["srank"] - 9 * (cnt == 0), cnt, cap)
             wc = np.bincount(p["wsent"], weights=p["w"], minlength=p["n"])
             ss = np.where(wc > 0, np.bincount(p["wsent"], weights=s * p["w"], minlength=p["n"]) / np.maximum(wc, 1e-9), -np.inf)
-            s_keep = greedy(ss, cnt, cap)
+            s_keep = fill_until(ss, cnt, cap)
             both += cnt[t_keep & s_keep].sum()
             teacher += cnt[t_keep].sum()
             if rate == RATES[0]:

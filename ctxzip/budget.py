@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["Budget", "allocate", "topk_mask", "topk_indices", "knapsack"]
+__all__ = ["Budget", "allocate", "topk_mask", "topk_indices", "knapsack", "fill_until"]
 
 _EPS = 1e-9
 
@@ -456,3 +456,24 @@ def _knapsack_dp(v: np.ndarray, w: np.ndarray, cap: int) -> np.ndarray:
             mask[i] = True
             c -= int(w[i])
     return mask
+
+
+def fill_until(scores: Any, sizes: Any, cap: float) -> np.ndarray:
+    """Best-first selection that stops once ``cap`` is crossed: items in decreasing ``scores``
+    (stable order) are kept while the running size stays ``<= cap``, and the item that crosses
+    ``cap`` is kept too (LLMLingua's sentence-level budget controller). Items of size ``<= 0``
+    are skipped. Returns a boolean keep mask."""
+    scores = np.asarray(scores, dtype=np.float64)
+    sizes = np.asarray(sizes, dtype=np.float64)
+    if scores.shape != sizes.shape or scores.ndim != 1:
+        raise ValueError("scores and sizes must be 1-D arrays of the same length")
+    keep = np.zeros(len(scores), dtype=bool)
+    left = float(cap)
+    for i in np.argsort(-scores, kind="stable"):
+        if sizes[i] <= 0:
+            continue
+        keep[i] = True
+        left -= sizes[i]
+        if left < 0:
+            break
+    return keep

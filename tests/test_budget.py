@@ -232,3 +232,16 @@ def test_knapsack_force_and_errors():
         knapsack([1.0], [-1], 3)
     with pytest.raises(ValueError):
         knapsack([float("nan")], [1], 3)
+
+
+def test_fill_until_keeps_the_crossing_item_and_skips_empty_ones():
+    from ctxzip.budget import fill_until
+
+    scores = [0.9, 0.1, 0.5, 0.7, 0.3]
+    sizes = [4, 3, 0, 5, 2]
+    # best first: 0 (4, left 6), 3 (5, left 1), 2 skipped (size 0), 4 (2, crosses: kept), stop
+    assert fill_until(scores, sizes, 10).tolist() == [True, False, False, True, True]
+    assert fill_until(scores, sizes, 0).tolist() == [True, False, False, False, False]
+    assert not fill_until([], [], 5).any()
+    with pytest.raises(ValueError):
+        fill_until([1.0, 2.0], [1.0], 3)

@@ -55,7 +55,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from ctxzip.budget import Budget, allocate, knapsack, topk_mask
+from ctxzip.budget import Budget, allocate, fill_until, knapsack, topk_mask
 from ctxzip.compressor import CompressionResult, TextCompressor, check_budget, ensure_text
 
 __all__ = ["PerplexityCompressor", "split_sentences"]
@@ -366,15 +366,7 @@ class PerplexityCompressor(TextCompressor):
         cnt = np.bincount(tok_sent, minlength=n_sent)
         tot = np.bincount(tok_sent, weights=scores, minlength=n_sent)
         mean = np.where(cnt > 0, tot / np.maximum(cnt, 1), -np.inf)
-        keep = np.zeros(n_sent, dtype=bool)
-        left = cap
-        for i in np.argsort(-mean, kind="stable"):
-            if cnt[i] == 0:
-                continue
-            keep[i] = True
-            left -= int(cnt[i])
-            if left < 0:
-                break
+        keep = fill_until(mean, cnt, cap)
         return keep, tok_sent, n_sent
 
     # ------------------------------------------------------------------ contexts

@@ -50,7 +50,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from ctxzip.budget import Budget, topk_mask
+from ctxzip.budget import Budget, fill_until, topk_mask
 from ctxzip.compressor import CompressionResult, TextCompressor, check_budget, ensure_text
 
 __all__ = ["TokenClassifierCompressor", "WordScores"]
@@ -637,15 +637,7 @@ class TokenClassifierCompressor(TextCompressor):
         w = ws.weight.astype(np.float64)
         cnt = np.bincount(sent, weights=w, minlength=len(spans))
         mean = np.where(cnt > 0, np.bincount(sent, weights=ws.prob_raw * w, minlength=len(spans)) / np.maximum(cnt, 1e-9), -np.inf)
-        keep = np.zeros(len(spans), dtype=bool)
-        left = float(math.ceil(target * self.token_budget_ratio))
-        for i in np.argsort(-mean, kind="stable"):
-            if cnt[i] <= 0:
-                continue
-            keep[i] = True
-            left -= cnt[i]
-            if left < 0:
-                break
+        keep = fill_until(mean, cnt, float(math.ceil(target * self.token_budget_ratio)))
         prob = np.where(keep[sent] | ws.forced, ws.prob, ws.prob - 2.0)
         out = WordScores(ws.spans, prob, ws.prob_raw, ws.chunk, ws.weight, ws.forced, ws.words)
         return out, (len(spans), int(keep.sum()))
