@@ -168,3 +168,15 @@ def test_bytes_grow_linearly_with_the_buffer_and_the_retrieval_share(llama):
     b8, b16, b24 = nbytes(8, 0.25), nbytes(16, 0.25), nbytes(24, 0.25)
     assert b8 < b16 < b24 and b16 - b8 == b24 - b16
     assert nbytes(8, 0.25) < nbytes(8, 0.5) < nbytes(8, 0.75)
+
+
+def test_cli_press_names_are_all_in_the_registry_and_razor_kivi_is_the_10pct_config():
+    from ctxzip.commands.kv import PRESS_NAMES
+    from ctxzip.kvcache.evaluate import PRESSES, make_press
+
+    assert set(PRESS_NAMES) <= set(PRESSES)
+    p = make_press("razor+kivi", Budget(tokens=64))
+    assert isinstance(p, RazorAttentionPress) and p.budget.tokens == 64
+    assert (p.retrieval_fraction, p.echo_fraction, p.induction_fraction) == (0.36, 0.1, 0.05)
+    assert p.quant.rotate_values and p.quant.value_bits == 2 and p.quant.value_group == 32
+    assert make_press("razor+kivi", Budget(tokens=96), retrieval_fraction=0.2).retrieval_fraction == 0.2
