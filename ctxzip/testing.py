@@ -171,17 +171,19 @@ def prefill_then_decode(
     import torch
     from transformers import DynamicCache
 
+    from ctxzip._hf_compat import with_cache
+
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         if press is None:
-            model(ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache)
+            model(ids, attention_mask=attention_mask, position_ids=position_ids, **with_cache(cache))
         else:
             with press(model):
-                model(ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache)
+                model(ids, attention_mask=attention_mask, position_ids=position_ids, **with_cache(cache))
         am = None
         if attention_mask is not None:
             am = torch.cat([attention_mask, torch.ones_like(new)], 1)
-        out = model(new, attention_mask=am, position_ids=new_pos, past_key_values=cache).logits
+        out = model(new, attention_mask=am, position_ids=new_pos, **with_cache(cache)).logits
     return out, cache
 
 

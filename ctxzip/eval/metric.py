@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ctxzip._hf_compat import cache_from_output, with_cache
 from ctxzip.compressor import ensure_text
 
 __all__ = [
@@ -224,7 +225,7 @@ class ContextEvaluator:
                     base_cache, offset = make_cache(model, pre)
                 else:
                     # logits_to_keep=1: the prefix needs no vocabulary projection
-                    base_cache = model(pre, use_cache=True, logits_to_keep=1).past_key_values
+                    base_cache = cache_from_output(model(pre, use_cache=True, logits_to_keep=1))
                     offset = pre.shape[1]
             lead = [prefix[-1]]
             # batches of rows of equal length (no padding for the usual fixed-size targets)
@@ -253,7 +254,7 @@ class ContextEvaluator:
                 pos = (offset + torch.arange(L, device=dev)).unsqueeze(0).expand(B, L)
                 logits = model(
                     input_ids=ids, attention_mask=attn, position_ids=pos,
-                    past_key_values=cache, use_cache=cache is not None,
+                    use_cache=cache is not None, **with_cache(cache),
                 ).logits.float()
                 # nll_tok[:, p] is the NLL of token p + 1 (logits at p predict token p + 1)
                 logp = torch.log_softmax(logits[:, :-1], dim=-1)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .._hf_compat import cache_from_kwargs
 from ..budget import Budget, allocate, topk_indices
 from .cache import (
     MASS_REQUESTS,
@@ -239,7 +240,7 @@ class BasePress:
             def pre(_m: Any, args: tuple, kwargs: dict) -> None:
                 MASS_REQUESTS.pop(id(module), None)
                 hidden = kwargs.get("hidden_states", args[0] if args else None)
-                cache = kwargs.get("past_key_values")
+                cache = cache_from_kwargs(kwargs)
                 if hidden is None or not isinstance(cache, Cache) or hidden.shape[1] < 1:
                     return
                 idx = module.layer_idx
@@ -293,7 +294,7 @@ class BasePress:
         self, module: torch.nn.Module, n_layers: int, args: tuple, kwargs: dict, state: dict
     ) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
         if hidden is None or not isinstance(cache, Cache):
             return
         idx = module.layer_idx

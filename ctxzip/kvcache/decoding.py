@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .._hf_compat import cache_from_kwargs
 from .base import BasePress, LayerContext, ScorerPress, evict
 from .cache import EvictedLayer, is_sliding_layer
 from .snapkv import SnapKVPress
@@ -66,7 +67,7 @@ class DecodingPress(BasePress):
 
     def _on_attention(self, module, n_layers, args, kwargs, state) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
         if hidden is None or not isinstance(cache, Cache) or module.layer_idx >= len(cache.layers):
             return
         idx = module.layer_idx

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from .._hf_compat import with_cache
 from .base import BasePress
 from .decoding import DecodingPress
 
@@ -21,10 +22,10 @@ def prefill(model: Any, input_ids: torch.Tensor, press: BasePress | None = None,
     """Run ``input_ids`` through ``model`` under ``press`` and return the (compressed) cache."""
     cache = DynamicCache(config=model.config)
     if press is None:
-        model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        model(input_ids, attention_mask=attention_mask, use_cache=True, **with_cache(cache))
         return cache
     with press(model):
-        model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        model(input_ids, attention_mask=attention_mask, use_cache=True, **with_cache(cache))
     return cache
 
 
@@ -79,7 +80,7 @@ def generate(
                 active.__enter__()
             ids = torch.cat([ctx_ids[:, -1:], q_ids], dim=1)
             for _ in range(max_new_tokens):
-                logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+                logits = model(ids, use_cache=True, **with_cache(cache)).logits[:, -1]
                 nxt = int(logits.argmax(-1))
                 if eos is not None and nxt == eos:
                     break

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from .._hf_compat import with_cache
 from ..budget import allocate, topk_indices
 from .base import BasePress, LayerContext, attention_modules
 from .cache import BatchMappedLayer, EvictedLayer, _tensor_nbytes
@@ -93,7 +94,7 @@ def calibrate_pca(
         for ids in input_ids:
             cache = DynamicCache(config=model.config)
             rope.clear()
-            model(ids.to(dev), past_key_values=cache, use_cache=True)
+            model(ids.to(dev), use_cache=True, **with_cache(cache))
             _accumulate(cache, acc, rope if pre_rope else None)
             n += int(ids.shape[-1])
     finally:

@@ -55,6 +55,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from ctxzip._hf_compat import cache_from_output, with_cache
 from ctxzip.budget import Budget, allocate, fill_until, knapsack, topk_mask
 from ctxzip.compressor import CompressionResult, TextCompressor, check_budget, ensure_text
 
@@ -195,8 +196,8 @@ class PerplexityCompressor(TextCompressor):
         x = torch.tensor([ids], dtype=torch.long, device=dev)
         pos = torch.arange(pos0, pos0 + len(ids), device=dev).unsqueeze(0)
         with torch.inference_mode():
-            out = model(input_ids=x, past_key_values=cache, position_ids=pos, use_cache=True)
-        return out.logits[0].float(), out.past_key_values
+            out = model(input_ids=x, position_ids=pos, use_cache=True, **with_cache(cache))
+        return out.logits[0].float(), cache_from_output(out)
 
     def token_scores(
         self, ids: list[int], keep_counts: list[int] | None, *, query: str | None = None

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ctxzip._hf_compat import cache_from_kwargs, cache_from_output
 from ctxzip.budget import Budget
 
 from .base import ImageTokens, ViewResult, ViewTokens, VisualTokenMethod, get_method
@@ -460,7 +461,7 @@ class VisionPruner:
 
     def _lm_pre(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         s = self._s
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
         am = kwargs.get("attention_mask")
         if am is not None and not (isinstance(am, torch.Tensor) and am.dim() == 2):
             if self._vision.get("fresh") or getattr(cache, _STATE_ATTR, None) is not None:
@@ -502,7 +503,7 @@ class VisionPruner:
 
     def _on_lm_post(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         pending = self._s.pop("pending_state", None)
-        cache = getattr(output, "past_key_values", None)
+        cache = cache_from_output(output)
         if pending is not None and cache is not None:
             setattr(cache, _STATE_ATTR, pending)
         self._s.pop("fastv", None)
@@ -677,7 +678,7 @@ class VisionPruner:
         self.hook_seconds += time.process_time() - t0
 
     def _fastv_decode_setup(self, state: _FastVState, kwargs: dict) -> None:
-        cache = kwargs["past_key_values"]
+        cache = cache_from_kwargs(kwargs)
         emb = kwargs.get("inputs_embeds")
         q_len = emb.shape[1] if emb is not None else kwargs["input_ids"].shape[1]
         past = cache.get_seq_length()  # layer 0 holds every token
