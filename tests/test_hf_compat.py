@@ -14,7 +14,7 @@ def test_either_name_is_read():
 
 def test_keyword_matches_the_installed_release():
     new = _version(transformers.__version__) >= (5, 24)
-    assert CACHE_KW == ("cache" if new else "past_key_values")
+    assert ("cache" if new else "past_key_values") == CACHE_KW
     assert with_cache(None) == {CACHE_KW: None}
     assert _version("5.24.0") == (5, 24) and _version("5.3.0rc1") == (5, 3)
     assert _version("5.23.0.dev0") < (5, 24) <= _version("6.0")
