@@ -28,6 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _cli import select_named  # noqa: E402
+
 from ctxzip.budget import Budget  # noqa: E402
 from ctxzip.eval import ContextEvaluator, code_documents, pooled_benefit, prose_documents  # noqa: E402
 from ctxzip.kvcache import (  # noqa: E402
@@ -192,12 +194,7 @@ def main() -> int:
     cfgs = configs(calibration)
     if args.quick:
         cfgs = {k: cfgs[k] for k in ("h2o0.38+kivi_k4v2", "h2o0.1", "kivi_k4v2")}
-    if args.only:
-        want = [s.strip() for s in args.only.split(",")]
-        bad = [w for w in want if w not in cfgs]
-        if bad:
-            raise SystemExit(f"unknown configs {bad}; choose from {list(cfgs)}")
-        cfgs = {k: cfgs[k] for k in want}
+    cfgs = select_named(cfgs, args.only, "configs")
 
     result: dict = {}
     if out_path.exists() and not args.fresh:

@@ -29,6 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _cli import select_named  # noqa: E402
+
 from ctxzip.budget import Budget  # noqa: E402
 from ctxzip.eval import ContextEvaluator, prose_documents  # noqa: E402
 from ctxzip.kvcache import (  # noqa: E402
@@ -169,13 +171,7 @@ def main() -> int:
         out_path.write_text(json.dumps(result, indent=1))
 
     ev = ContextEvaluator()
-    named = presses(args.rate)
-    if args.only:
-        want = [x.strip() for x in args.only.split(",")]
-        bad = [w for w in want if w not in named]
-        if bad:
-            raise SystemExit(f"unknown presses {bad}; choose from {list(named)}")
-        named = {k: named[k] for k in want}
+    named = select_named(presses(args.rate), args.only, "presses")
     for name, p in named.items():
         if hasattr(p, "calibrate") and getattr(p, "head_scores", 0) is None:
             c0 = time.process_time()
