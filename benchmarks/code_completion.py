@@ -199,6 +199,10 @@ def main() -> None:
                     help="extra rows longcodezip_cursor@F: CodeCompressor with cursor and "
                     "adjacent_fraction=F (for choosing the default on --split dev)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shard", default=None, metavar="I/N",
+                    help="run only modules i, i+N, i+2N, ... of the split (0-based I), so N "
+                    "processes share the work; each writes the per-module cache only, then "
+                    "--from-cache writes the JSON")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--recompute", nargs="*", default=[],
@@ -216,6 +220,7 @@ def main() -> None:
                     "code_completion, keyed by the config; '' to disable)")
     args = ap.parse_args()
     n_modules = 2 if args.quick else args.n_modules
+    shard = _parse_shard(args.shard)
     max_context = args.max_context or (2048 if args.quick else 10**9)
 
     import torch
@@ -248,7 +253,11 @@ def main() -> None:
         if len(cases) >= n_modules:
             break
 
+    if shard is not None:
+        cases = cases[shard[0] :: shard[1]]
     cfg_key, cache_dir = _cache_key(args, max_context)
+    if shard is not None and cache_dir is None:
+        raise SystemExit("--shard needs the per-module cache (--cache-dir)")
     rows = []
     t_start = time.time()
     for case in tqdm(cases, desc="modules"):
@@ -280,14 +289,31 @@ def main() -> None:
                    f"{row['nll_none']:.3f} full {row['nll_full']:.3f}, " + ", ".join(
                        f"{k} {v[last]['benefit']:.2f}" for k, v in row["methods"].items()
                        if v[last]["benefit"] is not None) + f" ({row['module_seconds']:.0f}s)")
+        if shard is None:
+            _write(args, rows, t_start, window)
+    if shard is None:
         _write(args, rows, t_start, window)
-    _write(args, rows, t_start, window)
+    else:
+        print(f"shard {args.shard}: {len(rows)} modules cached in {cache_dir}; when every shard "
+              "is done, rerun with --from-cache (same options, no --shard) to write the JSON")
+
+
+def _parse_shard(spec: str | None) -> tuple[int, int] | None:
+    if spec is None:
+        return None
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard wants I/N (e.g. 0/2), got {spec!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise SystemExit(f"--shard {spec}: need N >= 1 and 0 <= I < N")
+    return i, n
 
 
 def _cache_key(args: argparse.Namespace, max_context: int) -> tuple[str, Path | None]:
     cfg = {k: v for k, v in vars(args).items()
            if k not in ("out", "cache_dir", "quick", "n_modules", "recompute", "only_cached",
-                        "only_uncached", "from_cache", "split", "adjacent_sweep")}
+                        "only_uncached", "from_cache", "split", "adjacent_sweep", "shard")}
     if args.split != "test":  # the test split keeps the key (and cache) of earlier runs
         cfg["split"] = args.split
     cfg["max_context"] = max_context
