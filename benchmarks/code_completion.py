@@ -258,6 +258,8 @@ def main() -> None:
     cfg_key, cache_dir = _cache_key(args, max_context)
     if shard is not None and cache_dir is None:
         raise SystemExit("--shard needs the per-module cache (--cache-dir)")
+    if cache_dir is not None:  # run_case saves the ranking state there before the row
+        cache_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     t_start = time.time()
     for case in tqdm(cases, desc="modules"):
