@@ -213,6 +213,9 @@ def main() -> None:
                     help="with --recompute: skip modules that are not in the cache yet")
     ap.add_argument("--from-cache", action="store_true",
                     help="only summarise the modules already in the cache into --out")
+    ap.add_argument("--merge-json", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="summarise the rows of earlier result files together (e.g. the test "
+                    "and dev splits) into --out; no LM work")
     ap.add_argument("--only-uncached", action="store_true",
                     help="skip modules that are in the cache already")
     ap.add_argument("--cache-dir", type=Path, default=None,
@@ -231,6 +234,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok = load_causal_lm(args.model)
     window = int(getattr(model.config, "max_position_embeddings", 8192) or 8192)
+    if args.merge_json:  # pool finished result files (no LM work)
+        rows = [r for p in args.merge_json for r in json.loads(p.read_text())["rows"]]
+        ids = [r["id"] for r in rows]
+        if len(set(ids)) != len(ids):
+            raise SystemExit("--merge-json: a module appears in more than one file")
+        _write(args, rows, time.time(), window)
+        return
     if args.from_cache:  # summarise the cached modules of this config (no LM work)
         _write(args, _cached_rows(args, max_context, n_modules), time.time(), window)
         return
@@ -486,7 +496,8 @@ def _paired_bootstrap(rows: list[dict[str, Any]], a: str, b: str, rate: str,
 
 def _summary(rows: list[dict[str, Any]], rates: list[float]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    names = list(rows[0]["methods"]) if rows else []
+    # methods every row has (rows of different runs can carry different sweep rows)
+    names = [m for m in rows[0]["methods"] if all(m in r["methods"] for r in rows)] if rows else []
     for rate in rates:
         per = {}
         for name in names:
@@ -516,10 +527,12 @@ def _summary(rows: list[dict[str, Any]], rates: list[float]) -> dict[str, Any]:
                 per[f"_{m}_above_every_baseline"] and val is not None and val >= 0.9
                 and float(rate) <= 0.25 + 1e-9
             )
-        if "truncation_nearest" in per and len(rows) > 1:
-            per["_vs_truncation_paired_bootstrap"] = {
-                k: _paired_bootstrap(rows, k, "truncation_nearest", str(rate))
-                for k in names if k not in ("truncation_nearest", "no_context")}
+        # the two strongest baselines: LongCodeZip variants minus each, resampling modules
+        for base, key in (("truncation_nearest", "_vs_truncation_paired_bootstrap"),
+                          ("embedding_retrieval", "_vs_embedding_paired_bootstrap")):
+            if base in per and len(rows) > 1:
+                per[key] = {k: _paired_bootstrap(rows, k, base, str(rate))
+                            for k in names if k not in (base, "no_context")}
         out[str(rate)] = per
     if rows:
         out["nll_none_mean"] = float(np.mean([r["nll_none"] for r in rows]))
@@ -558,6 +571,8 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]], t_start: float,
 
 
 def _json_default(x: Any) -> Any:
+    if isinstance(x, Path):
+        return str(x)
     if isinstance(x, (np.floating, np.integer)):
         return x.item()
     if isinstance(x, float) and not math.isfinite(x):
