@@ -325,7 +325,7 @@ def _parse_shard(spec: str | None) -> tuple[int, int] | None:
 def _cache_key(args: argparse.Namespace, max_context: int) -> tuple[str, Path | None]:
     cfg = {k: v for k, v in vars(args).items()
            if k not in ("out", "cache_dir", "quick", "n_modules", "recompute", "only_cached",
-                        "only_uncached", "from_cache", "split", "adjacent_sweep", "shard")}
+                        "only_uncached", "from_cache", "split", "adjacent_sweep", "shard", "merge_json")}
     if args.split != "test":  # the test split keeps the key (and cache) of earlier runs
         cfg["split"] = args.split
     cfg["max_context"] = max_context
