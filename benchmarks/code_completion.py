@@ -226,6 +226,18 @@ def main() -> None:
     shard = _parse_shard(args.shard)
     max_context = args.max_context or (2048 if args.quick else 10**9)
 
+    if args.merge_json:  # pool finished result files: no model is loaded
+        results = [json.loads(p.read_text()) for p in args.merge_json]
+        rows = [r for res in results for r in res["rows"]]
+        ids = [r["id"] for r in rows]
+        if len(set(ids)) != len(ids):
+            raise SystemExit("--merge-json: a module appears in more than one file")
+        windows = {res["lm_window"] for res in results}
+        if len(windows) != 1:
+            raise SystemExit(f"--merge-json: the files were run with different LM windows {windows}")
+        _write(args, rows, time.time(), windows.pop())
+        return
+
     import torch
     from tqdm import tqdm
 
@@ -234,13 +246,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok = load_causal_lm(args.model)
     window = int(getattr(model.config, "max_position_embeddings", 8192) or 8192)
-    if args.merge_json:  # pool finished result files (no LM work)
-        rows = [r for p in args.merge_json for r in json.loads(p.read_text())["rows"]]
-        ids = [r["id"] for r in rows]
-        if len(set(ids)) != len(ids):
-            raise SystemExit("--merge-json: a module appears in more than one file")
-        _write(args, rows, time.time(), window)
-        return
     if args.from_cache:  # summarise the cached modules of this config (no LM work)
         _write(args, _cached_rows(args, max_context, n_modules), time.time(), window)
         return
@@ -549,7 +554,7 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]], t_start: float,
         "benchmark": "code_completion",
         "description": "held-out function body NLL given compressed rest-of-module + "
         "signature/docstring; context benefit retained (pooled over modules and median)",
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": vars(args),  # Paths serialised by _json_default
         "target_lm": args.model or "smollm2-135m-instruct (offline default)",
         "lm_window": window,
         "n_modules": len(rows),
