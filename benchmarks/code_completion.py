@@ -30,6 +30,13 @@ an interrupted run resumes where it stopped.
 
     python benchmarks/code_completion.py            # 8 modules, rates 0.5/0.25, full window
     python benchmarks/code_completion.py --quick    # 2 modules, context capped at 2048 tokens
+    # the dev split on two cores: one shard per process, then merge the cached modules
+    python benchmarks/code_completion.py --split dev --n-modules 40 --adjacent-sweep 0.75 0.9 --shard 0/2
+    python benchmarks/code_completion.py --split dev --n-modules 40 --adjacent-sweep 0.75 0.9 --shard 1/2
+    python benchmarks/code_completion.py --split dev --n-modules 40 --adjacent-sweep 0.75 0.9 --from-cache
+    # pool finished result files (no LM work)
+    python benchmarks/code_completion.py --merge-json benchmarks/results/code_completion.json \
+        benchmarks/results/code_completion_dev.json --adjacent-sweep 0.75 0.9 --out benchmarks/results/code_completion_all.json
 """
 
 from __future__ import annotations
