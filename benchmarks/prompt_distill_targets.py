@@ -11,18 +11,21 @@ teacher's coarse-stage choice the student reproduces:
   each keeps sentences (best first) up to a fraction ``r`` of the sample's tokens;
 * ``sent_spearman`` - rank correlation of the student's and teacher's sentence scores.
 
-Rows: the shipped default, and students trained here on ``--n`` samples per target:
-``rank`` (the shipped target: 0.5 x sentence percentile + 0.5 x word percentile), ``score``
-(regression-like: the word's own self-information / 12, clipped to [0, 1], soft labels),
-``abs`` (the same mixed 50/50 with the sentence mean / 8), and ``rank`` with 4 trained layers;
-plus the upper bound of word-level targets (the teacher's own word scores, aggregated like the
-student's). Rows of an earlier run in ``--out`` are kept (``--students ""`` only adds the
-shipped and oracle rows).
+Rows: the shipped default, the classifiers in ``--assets`` folders (``export_partial`` output,
+e.g. a ``ctxzip prompt distill --default --asset-dir DIR`` run), and students trained here on
+``--n`` samples per spec ``target:trained_layers[:sentence_loss]``. Targets (``distill.mix_targets``):
+``rank`` (0.5 x sentence percentile + 0.5 x word percentile, the default until the eighth
+session), ``score`` (regression-like: the word's own self-information / 12, clipped to [0, 1],
+soft labels), ``abs`` (the same mixed 50/50 with the sentence mean / 8); ``sentence_loss`` > 0
+adds the pairwise sentence-ranking loss (``DistillConfig.sentence_loss``). Plus the upper bound
+of word-level targets (the teacher's own word scores, aggregated like the student's). Rows of an
+earlier run in ``--out`` are kept (``--students ""`` only adds the shipped, asset and oracle rows).
 
 Needs the teacher-label cache of the full corpus (made once, ~1 h CPU)::
 
     ctxzip prompt distill --default --max-samples 1632 --labels-only --labels-cache ~/.cache/ctxzip/distill/labels-1632.pkl
-    python benchmarks/prompt_distill_targets.py     # ~30 min CPU (4 students x ~7 min)
+    python benchmarks/prompt_distill_targets.py     # ~60 min CPU (6 students x 7-15 min)
+    python benchmarks/prompt_distill_targets.py --students "" --assets /tmp/asset   # a candidate, ~2 min
 """
 
 from __future__ import annotations
@@ -110,26 +113,30 @@ def word_probs(model, tok, recs: list[dict]) -> list[np.ndarray]:
 def with_target(recs: list[dict], kind: str) -> list[dict]:
     from ctxzip.prompt import distill as D
 
-    out = []
-    for r in recs:
-        if kind == "rank":
-            t = D._mix(r, 0.5, True, 0.5)
-        elif kind == "score":
-            t = np.clip(r["word_score"].astype(np.float64) / 12.0, 0, 1)
-        elif kind == "abs":
-            t = 0.5 * np.clip(r["sent_score"].astype(np.float64) / 8.0, 0, 1) + 0.5 * np.clip(
-                r["word_score"].astype(np.float64) / 12.0, 0, 1)
-        else:
-            raise ValueError(kind)
-        out.append({**r, "target": t})
-    return out
+    if kind == "rank":  # the shipped target until the eighth session
+        return D.mix_targets(recs, 0.5)
+    if kind == "score":
+        return D.mix_targets(recs, 0.0, word_target="score")
+    if kind == "abs":
+        return D.mix_targets(recs, 0.5, word_target="score")
+    raise ValueError(kind)
+
+
+def _describe(meta: dict) -> str:
+    """'score target, 4 layers, 1468 samples' from an asset's meta.json."""
+    log = meta.get("distill_log", {})
+    target = log.get("teacher", {}).get("word_target", "rank")
+    return f"{target}, {len(meta.get('trained_layers', []))} layers, {log.get('n_train', '?')} samples"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--labels", type=Path, default=DEFAULT_LABELS, help="teacher-label cache (pickle)")
     ap.add_argument("--n", type=int, default=600, help="train on samples with index < n (every 10th held out)")
-    ap.add_argument("--students", default="rank:2,score:2,abs:2,rank:4", help="target:trained_layers, comma-separated")
+    ap.add_argument("--students", default="rank:2,score:2,abs:2,rank:4,score:2:1,score:4:1",
+                    help="target:trained_layers[:sentence_loss], comma-separated")
+    ap.add_argument("--assets", type=Path, nargs="*", default=[],
+                    help="also measure the classifiers in these asset folders (export_partial output)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prompt_distill_targets.json")
@@ -158,17 +165,25 @@ def main() -> int:
     if args.out.is_file():  # keep the rows of an earlier run (e.g. other students)
         result["rows"] = json.loads(args.out.read_text()).get("rows", {})
     model, tok = D.load_default_classifier()
-    result["rows"]["shipped default (rank, 2 layers, 135 samples)"] = agreement(word_probs(model, tok, ev), preps)
+    meta = json.loads((D.default_asset_dir() / "meta.json").read_text())
+    result["rows"][f"shipped default ({_describe(meta)})"] = agreement(word_probs(model, tok, ev), preps)
+    for a in args.assets:
+        model, tok = D.load_partial(a)
+        row = agreement(word_probs(model, tok, ev), preps)
+        result["rows"][f"asset {a.name} ({_describe(json.loads((a / 'meta.json').read_text()))})"] = row
+        print(a, json.dumps(row), flush=True)
     # upper bound of any word-level target: the teacher's own word scores, aggregated the same way
     result["rows"]["oracle: the teacher's word scores"] = agreement([r["word_score"].astype(float) for r in ev], preps)
     print(json.dumps(result["rows"]), flush=True)
     for spec in filter(None, args.students.split(",")):
-        kind, layers = spec.split(":")
+        kind, layers, *rest = spec.split(":")
+        sl = float(rest[0]) if rest else 0.0
         t0 = time.process_time()
-        cfg = D.DistillConfig(train_layers=int(layers), epochs=args.epochs, lr=3e-4, batch_size=8)
+        cfg = D.DistillConfig(train_layers=int(layers), epochs=args.epochs, lr=3e-4, batch_size=8, sentence_loss=sl)
         model, tok, _ = D.train(with_target(tr, kind), config=cfg, progress=False)
         row = agreement(word_probs(model, tok, ev), preps) | {"train_cpu_s": time.process_time() - t0}
-        result["rows"][f"{kind}, {layers} layers, {len(tr)} samples"] = row
+        name = f"{kind}, {layers} layers, {len(tr)} samples" + (f", sentence loss {sl:g}" if sl else "")
+        result["rows"][name] = row
         print(spec, json.dumps(row), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

@@ -148,3 +148,60 @@ def test_stdlib_docstring_corpus_is_train_only():
     assert sum(len(t) for _, t in docs) >= 20_000
     held = default_corpus("holdout", docstring_chars=20_000)
     assert not any(s.startswith("stdlib-doc:") for s, _ in held)
+
+
+def test_sentence_rank_loss_prefers_the_teachers_order():
+    from ctxzip.prompt.distill import sentence_rank_loss
+
+    sent = torch.tensor([[-1, 0, 0, 1, 1, 2, 2, -1]])
+    teacher = [torch.tensor([3.0, 1.0, 2.0])]
+    agree = torch.tensor([[0.5, 0.9, 0.8, 0.1, 0.2, 0.5, 0.5, 0.5]])  # means 0.85, 0.15, 0.5
+    reverse = torch.tensor([[0.5, 0.1, 0.2, 0.9, 0.8, 0.5, 0.5, 0.5]])
+    assert float(sentence_rank_loss(agree, sent, teacher)) < float(sentence_rank_loss(reverse, sent, teacher))
+    # the gradient raises the sentence the teacher ranks first and lowers the last
+    p = torch.full((1, 8), 0.5, requires_grad=True)
+    sentence_rank_loss(p, sent, teacher).backward()
+    assert p.grad[0, 1] < 0 < p.grad[0, 3]
+    # one sentence or ties only: no pair, zero loss (still differentiable)
+    z = sentence_rank_loss(p, torch.tensor([[0, 0, 0, 0, 0, 0, 0, 0]]), [torch.tensor([1.0])])
+    assert float(z.detach()) == 0.0 and z.requires_grad
+
+
+def test_training_with_sentence_loss(mini_tok):
+    from ctxzip.models import load_tokenizer
+    from ctxzip.prompt import PerplexityCompressor
+    from ctxzip.prompt.distill import DistillConfig, teacher_labels, train
+    from ctxzip.testing import tiny_causal_lm
+
+    lt = load_tokenizer()
+    teacher = PerplexityCompressor(model=tiny_causal_lm("llama", vocab_size=len(lt)), lm_tokenizer=lt)
+    text = "Assertions help debugging. Names are identifiers. Bananas are yellow and long. The end."
+    recs = teacher_labels([text] * 2, mini_tok, teacher, progress=False)
+    model, _, log = train(recs, config=DistillConfig(epochs=2, batch_size=2, train_layers=1, sentence_loss=1.0),
+                          eval_records=recs, progress=False)
+    assert len(log["epochs"]) == 2 and log["config"]["sentence_loss"] == 1.0
+    with pytest.raises(ValueError, match="sentence_loss"):
+        train(recs, config=DistillConfig(sentence_loss=-1.0), progress=False)
+
+
+def test_int8_delta_storage_is_half_the_bytes(tmp_path):
+    from ctxzip.prompt.distill import export_partial, load_default_classifier, load_partial
+
+    model, tok = load_default_classifier()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a stand-in for training layers 2-3 (the shipped asset trains 4-5)
+        for layer in model.bert.encoder.layer[2:4]:
+            for p in layer.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+    x = torch.tensor([tok("Deltas from the base are small, so eight bits per entry suffice.")["input_ids"]])
+    f16 = export_partial(model, tmp_path / "f16", [2, 3, 4, 5])
+    q8 = export_partial(model, tmp_path / "q8", [2, 3, 4, 5], storage="int8-delta")
+    assert q8.stat().st_size < 0.55 * f16.stat().st_size
+    with torch.no_grad():
+        ref = model(x).logits
+        for d in ("f16", "q8"):
+            m2, _ = load_partial(tmp_path / d)
+            assert (m2(x).logits - ref).abs().max() < 5e-3
+    assert json.loads((tmp_path / "q8" / "meta.json").read_text())["storage"] == "int8-delta"
+    with pytest.raises(ValueError, match="storage"):
+        export_partial(model, tmp_path / "bad", [5], storage="int4")

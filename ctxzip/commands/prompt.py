@@ -35,6 +35,12 @@ def register(sub: Any) -> None:
     d.add_argument("--docstring-chars", type=int, default=None, help="--default: characters of CPython stdlib docstrings in the corpus")
     d.add_argument("--sentence-weight", type=float, default=None,
                    help="--default: weight of the teacher's sentence ranking in the soft targets (0 = word ranks only)")
+    d.add_argument("--word-target", choices=("rank", "score"), default=None,
+                   help="--default: per-word soft target, percentile rank or scaled self-information")
+    d.add_argument("--sentence-loss", type=float, default=None,
+                   help="weight of the pairwise sentence-ranking loss (0 = off)")
+    d.add_argument("--storage", choices=("fp16", "int8-delta"), default=None,
+                   help="--asset-dir weights: fp16, or int8 differences from the base encoder (half the bytes)")
     d.add_argument("--labels-cache", default=None, help="--default: pickle file for the teacher labels (reused when present)")
     d.add_argument("--labels-only", action="store_true", help="--default: only label (fill --labels-cache), do not train")
     d.add_argument("--epochs", type=int, default=None)
@@ -54,7 +60,7 @@ def _distill(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(int(args.threads))
     cfg = D.DistillConfig()
-    for k in ("epochs", "train_layers", "lr", "batch_size"):
+    for k in ("epochs", "train_layers", "lr", "batch_size", "sentence_loss"):
         v = getattr(args, k)
         if v is None and args.default:
             v = D.DEFAULT_RECIPE[k]
@@ -73,6 +79,7 @@ def _distill(args: argparse.Namespace) -> int:
             sentence_weight=args.sentence_weight if args.sentence_weight is not None else R["sentence_weight"],
             teacher_rate=args.teacher_rate, config=cfg, progress=progress, labels_cache=args.labels_cache,
             labels_only=args.labels_only,
+            word_target=args.word_target or R["word_target"], storage=args.storage or R["storage"],
         )
         if args.labels_only:
             print(json.dumps(log, indent=1))
@@ -112,6 +119,6 @@ def _distill(args: argparse.Namespace) -> int:
     tr = [r for i, r in enumerate(recs) if not (ev and i % 10 == 0)]
     model, _, log = D.train(tr, base=args.base, config=cfg, eval_records=ev or None, out_dir=args.out, progress=progress)
     if args.asset_dir:
-        D.export_partial(model, args.asset_dir, log["trained_layers"], meta={"distill_log": log})
+        D.export_partial(model, args.asset_dir, log["trained_layers"], meta={"distill_log": log}, storage=args.storage or "fp16")
     print(json.dumps({k: log[k] for k in ("n_train", "n_eval", "epochs") if k in log}, indent=1))
     return 0

