@@ -123,9 +123,10 @@ def with_target(recs: list[dict], kind: str) -> list[dict]:
 
 
 def _describe(meta: dict) -> str:
-    """'score target, 4 layers, 1468 samples' from an asset's meta.json."""
+    """'score + 0.5 sentence, 4 layers, 1468 samples' from an asset's meta.json."""
     log = meta.get("distill_log", {})
-    target = log.get("teacher", {}).get("word_target", "rank")
+    t = log.get("teacher", {})
+    target = t.get("word_target", "rank") + (f" + {t['sentence_weight']:g} sentence" if t.get("sentence_weight") else "")
     return f"{target}, {len(meta.get('trained_layers', []))} layers, {log.get('n_train', '?')} samples"
 
 

@@ -27,6 +27,8 @@ compares the distilled default with its teacher (`perplexity-budget`). Rows are 
 
     python benchmarks/prompt_quality.py           # 10 held-out documents, 512-token contexts
     python benchmarks/prompt_quality.py --quick   # 1 document
+    # a candidate default (an `export_partial` folder) in the distilled rows, other rows reused
+    python benchmarks/prompt_quality.py --classifier-asset DIR --out benchmarks/results/prompt_quality_DIR.json
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT / "prompt_quality.json"))
     ap.add_argument("--fresh", action="store_true", help="ignore cached rows")
     ap.add_argument("--methods", nargs="*", default=None, help="subset of methods (default: all)")
+    ap.add_argument("--classifier-asset", default=None,
+                    help="evaluate this distilled classifier folder (export_partial output) instead of the shipped default")
     ap.add_argument("--stop-at", default=None, help="UTC HH:MM after which no new document is started")
     args = ap.parse_args()
     n_docs = args.docs or (1 if args.quick else 10)
@@ -89,6 +93,13 @@ def main() -> None:
         if len(cases) == n_docs:
             break
     teacher = {"sentence_filter": True, "token_budget_ratio": 1.0}
+    student: dict = {}
+    if args.classifier_asset:
+        from ctxzip.prompt.distill import load_partial
+
+        m, t = load_partial(args.classifier_asset)
+        # a model object turns the coarse stage off by default; the shipped default has it on
+        student = {"model": m, "classifier_tokenizer": t, "sentence_filter": True}
     comps = {
         "random": RandomDropCompressor(seed=0, tokenizer=tok),
         "truncate-tail": TruncationCompressor("tail", tokenizer=tok),
@@ -97,8 +108,8 @@ def main() -> None:
         "perplexity-budget": PerplexityCompressor(model=args.target_lm, tokenizer=tok, **teacher),
         "perplexity-budget-query": PerplexityCompressor(model=args.target_lm, tokenizer=tok, **teacher),
         "perplexity-sentence": PerplexityCompressor(model=args.target_lm, unit="sentence", tokenizer=tok),
-        "lingua2-distilled": TokenClassifierCompressor(tokenizer=tok),
-        "lingua2-distilled-words": TokenClassifierCompressor(tokenizer=tok, sentence_filter=False),
+        "lingua2-distilled": TokenClassifierCompressor(tokenizer=tok, **student),
+        "lingua2-distilled-words": TokenClassifierCompressor(tokenizer=tok, **{**student, "sentence_filter": False}),
     }
     if args.methods:
         unknown = set(args.methods) - set(comps)
@@ -165,6 +176,7 @@ def main() -> None:
             "target_lm": args.target_lm or "SmolLM2-135M-Instruct (offline)",
             "docs": [d.id for d, _ in cases if any(r["doc"] == d.id for r in rows)], "context_tokens": ctx_tokens,
             "teacher": {"class": "PerplexityCompressor", **teacher},
+            "student_asset": args.classifier_asset or "shipped default (ctxzip/assets/lingua2-minilm)",
             "command": "python benchmarks/prompt_quality.py " + " ".join(sys.argv[1:]),
             "note": "benefit = (NLL_none - NLL_comp) / (NLL_none - NLL_full); *_pooled sums over documents. "
                     "Truncation keeps the most recent tokens, which favours the continuation target.",

@@ -22,6 +22,7 @@ separately as ``setup_seconds`` and not counted in words/s.
 
     python benchmarks/prompt_speed.py            # 2k, 10k (5 reps), 50k words (2 reps): ~5-6 min idle
     python benchmarks/prompt_speed.py --quick    # 2k, 10k words, 1 repetition
+    python benchmarks/prompt_speed.py --classifier-asset DIR --out OUT.json   # a candidate default
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.33)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(OUT / "prompt_speed.json"))
+    ap.add_argument("--classifier-asset", default=None,
+                    help="time this distilled classifier folder (export_partial output) instead of the shipped default")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     args = ap.parse_args()
     if args.plot_only:
@@ -189,7 +192,12 @@ def main() -> None:
     tmp_root = tempfile.mkdtemp(prefix="ctxzip-speed-")
     atexit.register(shutil.rmtree, tmp_root, ignore_errors=True)
     tmp = Path(tmp_root) / "bert-base-multilingual-cased-ctxzip-minilm"
-    model, tok = load_default_classifier()
+    if args.classifier_asset:
+        from ctxzip.prompt.distill import load_partial
+
+        model, tok = load_partial(args.classifier_asset)
+    else:
+        model, tok = load_default_classifier()
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
 
@@ -269,7 +277,8 @@ def main() -> None:
                     "cpu_flags": _cpu_flags()},
         "command": " ".join(["python", "benchmarks/prompt_speed.py", *sys.argv[1:]]),
         "anchor": "llmlingua 0.2.2 compress_prompt_llmlingua2 (tiktoken replaced by the classifier tokenizer)",
-        "model": "ctxzip default distilled MiniLM token classifier (same weights for both), from ctxzip/assets",
+        "model": (f"distilled MiniLM token classifier from {args.classifier_asset} (same weights for both)" if args.classifier_asset
+                  else "ctxzip default distilled MiniLM token classifier (same weights for both), from ctxzip/assets"),
         "setup_seconds": setup,
         "goal": "exact mode: identical decisions, faster than the anchor; fast mode >= 3x the anchor's words/s at 10k and 50k words with >= 98% identical keep-decisions",
         "results": results,
