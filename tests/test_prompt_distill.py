@@ -182,6 +182,9 @@ def test_training_with_sentence_loss(mini_tok):
     assert len(log["epochs"]) == 2 and log["config"]["sentence_loss"] == 1.0
     with pytest.raises(ValueError, match="sentence_loss"):
         train(recs, config=DistillConfig(sentence_loss=-1.0), progress=False)
+    pairs = [{k: v for k, v in r.items() if k != "sent_score"} for r in recs]
+    with pytest.raises(ValueError, match="sentence_loss"):
+        train(pairs, config=DistillConfig(sentence_loss=1.0), progress=False)
 
 
 def test_int8_delta_storage_is_half_the_bytes(tmp_path):

@@ -541,6 +541,9 @@ def _records_to_tokens(
         y = np.asarray(r["target"], dtype=np.float32)[wot]
         item: tuple[np.ndarray, ...] = (np.r_[cls_id, ids, sep_id].astype(np.int64), np.r_[-1.0, y, -1.0].astype(np.float32))
         if tokenizer is not None:
+            if "sent_score" not in r or "text" not in r:
+                raise ValueError("sentence_loss needs teacher_labels records (with the teacher's sentence scores); "
+                                 "pair-labelled records have none - use sentence_loss=0")
             n_w = len(r["target"])
             wsent = _word_sentences(r["text"], n_w, tokenizer)
             n_s = int(wsent.max()) + 1 if n_w else 0
