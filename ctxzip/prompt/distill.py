@@ -222,9 +222,12 @@ def word_spans(tokenizer: Any, text: str) -> tuple[np.ndarray, np.ndarray, np.nd
 
     Returns ``(ids, word_of_token, word_spans)``.
     """
+    import torch
+
     from ctxzip.prompt.token_classifier import TokenClassifierCompressor
 
-    c = TokenClassifierCompressor(model=_Dummy(), classifier_tokenizer=tokenizer)
+    # a bare module as the model: only the vocabulary tables are built, nothing is run
+    c = TokenClassifierCompressor(model=torch.nn.Module(), classifier_tokenizer=tokenizer)
     tb = c._vocab_tables()
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
@@ -237,16 +240,6 @@ def word_spans(tokenizer: Any, text: str) -> tuple[np.ndarray, np.ndarray, np.nd
     first = np.flatnonzero(begin)
     spans = np.stack([offs[first, 0], np.maximum.reduceat(offs[:, 1], first)], axis=1)
     return ids, wid, spans
-
-
-class _Dummy:
-    """Placeholder model object so the compressor can build vocabulary tables only."""
-
-    def eval(self) -> _Dummy:
-        return self
-
-    def to(self, *_: Any, **__: Any) -> _Dummy:
-        return self
 
 
 def _char_word_scores(text_len: int, lm_offs: np.ndarray, lm_scores: np.ndarray, spans: np.ndarray) -> np.ndarray:
@@ -383,6 +376,12 @@ def mix_targets(
     return out
 
 
+def _sentence_of(starts: np.ndarray, pos: np.ndarray, n: int) -> np.ndarray:
+    """Index of the sentence (``starts``: character starts of ``n`` sentences) holding each
+    character position in ``pos``."""
+    return np.clip(np.searchsorted(starts, pos, side="right") - 1, 0, n - 1)
+
+
 def _sentence_rank(
     text: str, lm_offs: np.ndarray, lm_scores: np.ndarray, spans: np.ndarray, *, rank: bool = True
 ) -> np.ndarray:
@@ -394,11 +393,11 @@ def _sentence_rank(
     sents = split_sentences(text)
     starts = np.asarray([a for a, _ in sents])
     n = len(sents)
-    tok_sent = np.clip(np.searchsorted(starts, np.maximum(lm_offs[:, 1] - 1, lm_offs[:, 0]), side="right") - 1, 0, n - 1)
+    tok_sent = _sentence_of(starts, np.maximum(lm_offs[:, 1] - 1, lm_offs[:, 0]), n)
     cnt = np.bincount(tok_sent, minlength=n)
     mean = np.bincount(tok_sent, weights=lm_scores, minlength=n) / np.maximum(cnt, 1)
     has = cnt > 0
-    word_sent = np.clip(np.searchsorted(starts, spans[:, 0], side="right") - 1, 0, n - 1)
+    word_sent = _sentence_of(starts, spans[:, 0], n)
     if not rank:
         return np.where(has, mean, float(lm_scores.mean()) if lm_scores.size else 0.0)[word_sent]
     rank = np.full(n, 0.5)
@@ -523,7 +522,7 @@ def _word_sentences(text: str, n_words: int, tokenizer: Any) -> np.ndarray:
     _, _, spans = word_spans(tokenizer, text)
     sents = split_sentences(text)
     starts = np.asarray([a for a, _ in sents]) if sents else np.zeros(1, dtype=np.int64)
-    ws = np.clip(np.searchsorted(starts, spans[:, 0], side="right") - 1, 0, max(len(sents) - 1, 0))
+    ws = _sentence_of(starts, spans[:, 0], max(len(sents), 1))
     if len(ws) != n_words:
         raise ValueError(f"record has {n_words} word targets but its text has {len(ws)} words; relabel it")
     return ws
@@ -610,7 +609,7 @@ def train(
     """
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoModelForTokenClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ctxzip.models import encoder_path
 
@@ -619,11 +618,8 @@ def train(
         raise ValueError("no training records")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    path = encoder_path(base)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForTokenClassification.from_pretrained(
-        path, num_labels=2, id2label={0: "drop", 1: "keep"}, label2id={"drop": 0, "keep": 1}
-    )
+    tok = AutoTokenizer.from_pretrained(encoder_path(base))
+    model = _base_classifier(base)
     enc = getattr(model, model.base_model_prefix)
     layers = enc.encoder.layer
     n_layers = len(layers)
