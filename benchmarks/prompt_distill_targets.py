@@ -58,11 +58,11 @@ def prepare(rec: dict, enc_tok, lm_tok) -> dict:
     sents = split_sentences(text)
     starts = np.asarray([a for a, _ in sents])
     n = len(sents)
-    wsent = np.clip(np.searchsorted(starts, spans[:, 0], side="right") - 1, 0, n - 1)
+    wsent = D._sentence_of(starts, spans[:, 0], n)
     surface = [text[a:b] for a, b in spans.tolist()]
     w = np.asarray([max(len(e), 1) for e in lm_tok(surface, add_special_tokens=False)["input_ids"]], dtype=np.float64)
     offs = rec["lm_offsets"].astype(np.int64)
-    tsent = np.clip(np.searchsorted(starts, np.maximum(offs[:, 1] - 1, offs[:, 0]), side="right") - 1, 0, n - 1)
+    tsent = D._sentence_of(starts, np.maximum(offs[:, 1] - 1, offs[:, 0]), n)
     srank = np.full(n, -1.0)
     srank[wsent] = rec["sent_rank"]
     return {"wsent": wsent, "w": w, "tcnt": np.bincount(tsent, minlength=n), "srank": srank, "n": n}
