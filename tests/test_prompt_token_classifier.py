@@ -120,6 +120,33 @@ def test_force_tokens_digits_and_newlines(tiny_dir):
     assert len(r.details["words"]) == len(r.details["word_labels"])
 
 
+def test_render_whitespace_policies(tiny_dir):
+    from ctxzip.prompt.token_classifier import render_words
+
+    text = "| a     | b |\n|  c    | d |\n    indented  line\n\nnext par"
+    spans = np.asarray([(m.start(), m.end()) for m in re.finditer(r"\S+", text)])
+    words = [text[a:b] for a, b in spans]
+    keep = np.ones(len(spans), bool)
+    assert render_words(text, spans, keep, whitespace="keep") == text  # nothing dropped: verbatim
+    assert render_words(text, spans, keep, whitespace="collapse") == "| a | b |\n| c | d |\nindented line\n\nnext par"
+    keep[0] = False  # drop the first word: no leading gap
+    out = render_words(text, spans, keep, whitespace="keep")
+    assert out.startswith("a     |")
+    # across a dropped line end: line break plus the next word's indentation
+    keep = np.ones(len(spans), bool)
+    keep[[i for i, w in enumerate(words) if w in ("d", "|")][-1]] = False  # last "|" of row 2
+    keep[words.index("d")] = False
+    out = render_words(text, spans, keep, whitespace="keep")
+    assert "c    |\n    indented  line" in out
+    assert render_words(text, spans, np.zeros(len(spans), bool)) == ""
+    with pytest.raises(ValueError, match="whitespace"):
+        make(tiny_dir, whitespace="tabs")
+    # the compressor's output follows the policy and both fit the budget
+    for ws in ("keep", "collapse"):
+        r = make(tiny_dir, whitespace=ws, max_seq_len=32).compress(TEXT * 2, budget=Budget(rate=0.5))
+        assert r.compressed_tokens <= Budget(rate=0.5).resolve(r.original_tokens)
+
+
 def test_drop_consecutive(tiny_dir):
     c = make(tiny_dir, force_tokens=(",",), drop_consecutive=True, mode="chunk", token_weights="classifier")
     text = "alpha , , , beta gamma , delta , , epsilon"
