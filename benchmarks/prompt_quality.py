@@ -49,6 +49,25 @@ sys.path.insert(0, str(ROOT))
 OUT = ROOT / "benchmarks" / "results"
 
 
+def heldout_cases(ev, n_docs: int, ctx_tokens: int) -> list:
+    """The first ``n_docs`` (document, case) pairs of the held-out `pydoc_data.topics` prose
+    that are long enough for a ``ctx_tokens`` context (shared with prompt_fine_stage.py)."""
+    from ctxzip.eval import prose_documents
+    from ctxzip.prompt.distill import holdout_topic_keys
+
+    held = set(holdout_topic_keys())
+    docs = [d for d in prose_documents(None, min_chars=3000, max_chars=6000) if d.id.split(":")[1] in held]
+    cases = []
+    for d in docs:
+        try:
+            cases.append((d, ev.make_case(d.text, context_tokens=ctx_tokens, n_recall=16 if ctx_tokens >= 1024 else 8, doc_id=d.id)))
+        except ValueError:
+            continue
+        if len(cases) == n_docs:
+            break
+    return cases
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -70,28 +89,17 @@ def main() -> None:
     import torch
 
     from ctxzip.budget import Budget
-    from ctxzip.eval import ContextEvaluator, pooled_benefit, prose_documents
+    from ctxzip.eval import ContextEvaluator, pooled_benefit
     from ctxzip.prompt import (
         PerplexityCompressor,
         RandomDropCompressor,
         TokenClassifierCompressor,
         TruncationCompressor,
     )
-    from ctxzip.prompt.distill import holdout_topic_keys
-
     torch.set_num_threads(args.threads or 1)
-    held = set(holdout_topic_keys())
-    docs = [d for d in prose_documents(None, min_chars=3000, max_chars=6000) if d.id.split(":")[1] in held]
     ev = ContextEvaluator(args.target_lm)
     tok = ev.tokenizer
-    cases = []
-    for d in docs:
-        try:
-            cases.append((d, ev.make_case(d.text, context_tokens=ctx_tokens, n_recall=16 if ctx_tokens >= 1024 else 8, doc_id=d.id)))
-        except ValueError:
-            continue
-        if len(cases) == n_docs:
-            break
+    cases = heldout_cases(ev, n_docs, ctx_tokens)
     teacher = {"sentence_filter": True, "token_budget_ratio": 1.0}
     student: dict = {}
     if args.classifier_asset:

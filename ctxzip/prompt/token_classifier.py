@@ -144,7 +144,7 @@ class TokenClassifierCompressor(TextCompressor):
             style, every gap becomes one space, line break or paragraph break. Keeping the
             layout costs budget tokens but preserves what the target LM sees of tables and
             code: on the held-out prose benchmark it raised the distilled default's context
-            benefit by 7-9 points at the same token count (``docs/prompt.md``).
+            benefit by 5-8 points at the same token count (``docs/prompt.md``).
         return_word_labels: put ``words`` and ``word_labels`` (0/1) into ``result.details``.
         device: torch device (default: CUDA if present, else CPU).
         tokenizer: counting tokenizer for budgets and results (default: the target LM's).
