@@ -85,6 +85,20 @@ def test_compress_sentence_filter_flag(tiny_clf, tmp_path, capsys):
     assert main(["compress", str(f), "--method", "perplexity-sentence", "--sentence-filter"]) == 2
 
 
+def test_compress_whitespace_flag(tiny_clf, tmp_path, capsys):
+    f = tmp_path / "table.txt"
+    f.write_text("| name      | value     |\n| alpha     | 1         |\n| beta      | 2         |\n" * 8)
+    outs = {}
+    for ws in ("keep", "collapse"):
+        assert main(["compress", str(f), "--rate", "0.9", "--model", str(tiny_clf), "--whitespace", ws]) == 0
+        outs[ws] = capsys.readouterr().out
+    assert "  " in outs["keep"]  # table padding between neighbouring kept words survives
+    assert "  " not in outs["collapse"]
+    with pytest.raises(SystemExit) as e:  # argparse rejects an unknown choice
+        main(["compress", str(f), "--model", str(tiny_clf), "--whitespace", "tabs"])
+    assert e.value.code == 2 and "--whitespace" in capsys.readouterr().err
+
+
 def test_compress_perplexity_sentence_filter(tmp_path, capsys):
     from ctxzip.models import load_tokenizer
     from ctxzip.testing import tiny_causal_lm

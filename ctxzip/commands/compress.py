@@ -34,6 +34,9 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--token-budget-ratio", type=float, default=1.0,
                    help="with --sentence-filter: sentence-stage budget as a multiple of the final budget (default 1.0; the anchor's is 1.4)")
+    p.add_argument("--whitespace", choices=["keep", "collapse"], default="keep",
+                   help="lingua2: keep the original gaps between neighbouring kept words (default) or "
+                        "collapse every gap to one space / line break like llmlingua")
     p.add_argument("--force-tokens", default="", help="lingua2: comma-separated words always kept")
     p.add_argument("--json", action="store_true", help="print a JSON object (text, tokens, rate, ratio, timings)")
     p.add_argument("--details", action="store_true", help="with --json: include method details and the keep mask")
@@ -68,7 +71,8 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError("--sentence-filter needs --mode global")
         comp: Any = TokenClassifierCompressor(model=args.model, mode=args.mode, fast=args.fast, force_tokens=force,
                                               sentence_filter=args.sentence_filter,
-                                              token_budget_ratio=args.token_budget_ratio)
+                                              token_budget_ratio=args.token_budget_ratio,
+                                              whitespace=args.whitespace)
         sentence_filter = comp.mode == "global" and (args.sentence_filter if args.sentence_filter is not None else args.model is None)
     else:
         from ctxzip.prompt import PerplexityCompressor
