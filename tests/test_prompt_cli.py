@@ -69,12 +69,12 @@ def test_compress_sentence_filter_flag(tiny_clf, tmp_path, capsys):
     # a --model classifier: the sentence stage is off unless asked for
     assert main(["compress", str(f), "--rate", "0.5", "--model", str(tiny_clf), "--json", "--details"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["settings"] == {"method": "lingua2", "sentence_filter": False, "token_budget_ratio": None}
+    assert d["settings"] == {"method": "lingua2", "sentence_filter": False, "token_budget_ratio": None, "whitespace": "keep"}
     assert "kept_sentences" not in d["details"]
     assert main(["compress", str(f), "--rate", "0.5", "--model", str(tiny_clf), "--sentence-filter",
                  "--token-budget-ratio", "1.2", "--json", "--details"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["settings"] == {"method": "lingua2", "sentence_filter": True, "token_budget_ratio": 1.2}
+    assert d["settings"] == {"method": "lingua2", "sentence_filter": True, "token_budget_ratio": 1.2, "whitespace": "keep"}
     assert d["details"]["sentences"] == 12 and 0 < d["details"]["kept_sentences"] <= 12
     assert d["compressed_tokens"] <= int(0.5 * d["original_tokens"])
     # bad combinations and values are clear errors
@@ -94,6 +94,8 @@ def test_compress_whitespace_flag(tiny_clf, tmp_path, capsys):
         outs[ws] = capsys.readouterr().out
     assert "  " in outs["keep"]  # table padding between neighbouring kept words survives
     assert "  " not in outs["collapse"]
+    assert main(["compress", str(f), "--rate", "0.9", "--model", str(tiny_clf), "--whitespace", "collapse", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["whitespace"] == "collapse"
     with pytest.raises(SystemExit) as e:  # argparse rejects an unknown choice
         main(["compress", str(f), "--model", str(tiny_clf), "--whitespace", "tabs"])
     assert e.value.code == 2 and "--whitespace" in capsys.readouterr().err

@@ -88,6 +88,8 @@ def _run(args: argparse.Namespace) -> int:
         d = res.to_dict(with_details=args.details)
         d["settings"] = {"method": args.method, "sentence_filter": sentence_filter,
                          "token_budget_ratio": args.token_budget_ratio if sentence_filter else None}
+        if args.method == "lingua2":
+            d["settings"]["whitespace"] = args.whitespace  # how kept words were joined
         print(json.dumps(d, ensure_ascii=False))
     else:
         sys.stdout.write(res.text)
