@@ -230,14 +230,38 @@ def test_onnx_int8_keeps_embeddings_and_head_fp32(tiny_dir, tmp_path):
     from ctxzip.prompt.onnx_backend import OnnxClassifier
 
     model, tok = _tiny_model(tiny_dir)
-    g = onnx.load(str(OnnxClassifier(model, tok, threads=1, cache=tmp_path).path)).graph
+    g = onnx.load(str(OnnxClassifier(model, tok, threads=1, cache=tmp_path, fp32_ffn_out=()).path)).graph
     ops = [n.op_type for n in g.node]
     assert "EmbedLayerNormalization" in ops and "QEmbedLayerNormalization" not in ops
     assert ops.count("MatMul") == 1  # the classifier head; every other product is int8
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
-    g2 = onnx.load(str(OnnxClassifier(model, tok, threads=1, cache=tmp_path, fp32=()).path)).graph
+    g2 = onnx.load(str(OnnxClassifier(model, tok, threads=1, cache=tmp_path, fp32=(), fp32_ffn_out=()).path)).graph
     ops2 = [n.op_type for n in g2.node]
     assert "QEmbedLayerNormalization" in ops2 and "MatMul" not in ops2
+
+
+def test_onnx_int8_keeps_early_ffn_outputs_fp32(tiny_dir, tmp_path):
+    """The default leaves the FFN output product of encoder layers 0 and 1 in fp32 (and only
+    those: the fp32 products' weights are the FFN's (intermediate, hidden) matrices)."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+    from onnx import numpy_helper
+
+    from ctxzip.prompt.onnx_backend import FP32_FFN_OUT, OnnxClassifier
+
+    model, tok = _tiny_model(tiny_dir)
+    cfg = model.config
+    assert cfg.num_hidden_layers >= 2 and FP32_FFN_OUT == (0, 1)
+    for layers in (FP32_FFN_OUT, (1,)):
+        g = onnx.load(str(OnnxClassifier(model, tok, threads=1, cache=tmp_path, fp32_ffn_out=layers).path)).graph
+        inits = {t.name: t for t in g.initializer}
+        shapes = [tuple(numpy_helper.to_array(inits[n.input[1]]).shape) for n in g.node if n.op_type == "MatMul"]
+        ffn = (cfg.intermediate_size, cfg.hidden_size)
+        assert shapes.count(ffn) == len(layers)
+        assert len(shapes) == len(layers) + 1  # plus the classifier head
+    # layers past the encoder's depth change nothing
+    g = onnx.load(str(OnnxClassifier(model, tok, threads=1, cache=tmp_path, fp32_ffn_out=(99,)).path)).graph
+    assert [n.op_type for n in g.node].count("MatMul") == 1
 
 
 def test_unpadded_graph_runs_padded_batches_row_by_row(tiny_dir, tmp_path):
@@ -268,6 +292,9 @@ def test_onnx_backend_bad_options(tiny_dir, tmp_path):
         OnnxClassifier(model, tok, attention="flash", cache=tmp_path)
     with pytest.raises(ValueError, match="fp32"):
         OnnxClassifier(model, tok, fp32=("ffn",), cache=tmp_path)
+    for bad in ((-1,), ("0",), (True,)):
+        with pytest.raises(ValueError, match="fp32_ffn_out"):
+            OnnxClassifier(model, tok, fp32_ffn_out=bad, cache=tmp_path)
 
 
 def test_onnx_exact_rechecks_the_context_level_filter(tiny_dir, monkeypatch):
