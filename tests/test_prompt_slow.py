@@ -25,10 +25,10 @@ def test_default_classifier_agrees_with_teacher(heldout_text):
 
     from ctxzip.models import encoder_path
     from ctxzip.prompt import TokenClassifierCompressor
-    from ctxzip.prompt.distill import teacher_labels
+    from ctxzip.prompt.distill import DEFAULT_RECIPE, teacher_labels
 
     tok = AutoTokenizer.from_pretrained(encoder_path())
-    rec = teacher_labels([heldout_text], tok, sentence_weight=0.5, progress=False)[0]
+    rec = teacher_labels([heldout_text], tok, sentence_weight=DEFAULT_RECIPE["sentence_weight"], progress=False)[0]
     ws = TokenClassifierCompressor().score_words(heldout_text)
     assert len(ws.prob) == len(rec["target"])
     rho = np.corrcoef(np.argsort(np.argsort(ws.prob)), np.argsort(np.argsort(rec["target"])))[0, 1]
