@@ -24,10 +24,10 @@ On CUDA it additionally measures the Triton kernels against SDPA (FlashAttention
 prefill tokens/s for attention and attention+mass, and achieved memory bandwidth of decode over
 a ragged fp16 cache and a 2/4-bit quantized cache against SDPA decode over the full fp16 cache.
 
-    python benchmarks/kernels.py            # 4k, 8k, 16k tokens
-    python benchmarks/kernels.py --quick    # 1k, 2k tokens
+    python benchmarks/attention_kernels.py            # 4k, 8k, 16k tokens
+    python benchmarks/attention_kernels.py --quick    # 1k, 2k tokens
 
-Writes ``benchmarks/results/kernels.json`` (+ ``kernels.png``).
+Writes ``benchmarks/results/attention_kernels.json`` (+ ``attention_kernels.png``).
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def main() -> None:
     ap.add_argument("--eager-max-gb", type=float, default=1.0,
                     help="skip eager points whose score tensor alone exceeds this many GB")
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "T"), help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=str(RESULTS / "kernels.json"))
+    ap.add_argument("--out", default=str(RESULTS / "attention_kernels.json"))
     args = ap.parse_args()
     if args.child:
         print(json.dumps(_child(args.child[0], int(args.child[1]))))
