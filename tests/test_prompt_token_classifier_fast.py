@@ -292,9 +292,35 @@ def test_onnx_backend_bad_options(tiny_dir, tmp_path):
         OnnxClassifier(model, tok, attention="flash", cache=tmp_path)
     with pytest.raises(ValueError, match="fp32"):
         OnnxClassifier(model, tok, fp32=("ffn",), cache=tmp_path)
-    for bad in ((-1,), ("0",), (True,)):
+    for bad in ((-1,), ("0",), (True,), 0, "01", None):
         with pytest.raises(ValueError, match="fp32_ffn_out"):
             OnnxClassifier(model, tok, fp32_ffn_out=bad, cache=tmp_path)
+    # any iterable of indices is fine (a list from a JSON config, say)
+    assert OnnxClassifier(model, tok, fp32_ffn_out=[1, 0, 1], cache=tmp_path).fp32_ffn_out == (0, 1)
+
+
+def test_onnx_options_reach_the_backend(tiny_dir, tmp_path):
+    """``TokenClassifierCompressor(onnx_options=...)`` builds the ONNX graph with those options
+    (here: every FFN output quantized, so only the head stays an fp32 MatMul)."""
+    pytest.importorskip("onnxruntime")
+    c = make(tiny_dir, fast="onnx-int8", onnx_options={"fp32_ffn_out": (), "cache": tmp_path})
+    c.classifier()
+    assert c._ort.fp32_ffn_out == ()
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(c._ort.path)).graph.node]
+    assert ops.count("MatMul") == 1
+    assert labels(c).shape == labels(make(tiny_dir)).shape
+
+
+def test_bad_onnx_options(tiny_dir):
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(ValueError, match="unknown onnx_options.*quantize"):
+        make(tiny_dir, fast="onnx-int8", onnx_options={"quantize": False})
+    with pytest.raises(ValueError, match="unknown onnx_options.*alpah"):
+        make(tiny_dir, fast="onnx-int8", onnx_options={"alpah": 0.5})
+    with pytest.raises(TypeError, match="onnx_options must be a dict"):
+        make(tiny_dir, fast="onnx-int8", onnx_options=[("alpha", 0.5)])
 
 
 def test_onnx_exact_rechecks_the_context_level_filter(tiny_dir, monkeypatch):
@@ -321,3 +347,46 @@ def test_onnx_exact_rechecks_the_context_level_filter(tiny_dir, monkeypatch):
         assert a.details["kept_contexts"] == b.details["kept_contexts"]
         assert 0 < len(a.details["kept_contexts"]) < len(parts)
         assert a.text == b.text
+
+
+def test_onnx_int8_weight_types(tiny_dir, tmp_path):
+    """``weights=`` picks the stored int8 weight type: signed for u8s8 kernels, unsigned (with
+    zero points) for the u8u8 kernels that cannot saturate on x86 CPUs without VNNI."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from ctxzip.prompt.onnx_backend import OnnxClassifier
+
+    model, tok = _tiny_model(tiny_dir)
+    want = {"s8": onnx.TensorProto.INT8, "s7": onnx.TensorProto.INT8, "u8": onnx.TensorProto.UINT8}
+    paths = set()
+    for w, dtype in want.items():
+        oc = OnnxClassifier(model, tok, threads=1, cache=tmp_path, weights=w)
+        assert oc.weights == w
+        paths.add(oc.path)
+        g = onnx.load(str(oc.path)).graph
+        qtypes = {t.data_type for t in g.initializer if t.name.endswith("_quantized")}
+        assert qtypes == {dtype}
+        if w != "u8":  # symmetric: 7 bits use [-64, 64], 8 bits [-127, 127]
+            from onnx import numpy_helper
+
+            vals = np.concatenate([numpy_helper.to_array(t).ravel() for t in g.initializer if t.name.endswith("_quantized")])
+            assert np.abs(vals.astype(int)).max() == (64 if w == "s7" else 127)
+    assert len(paths) == 3  # cached separately
+    assert OnnxClassifier(model, tok, quantize=False, threads=1, cache=tmp_path, weights="u8").weights == "fp32"
+    for bad in ("int8", 8, True):
+        with pytest.raises(ValueError, match="weights"):
+            OnnxClassifier(model, tok, weights=bad, cache=tmp_path)
+
+
+def test_default_int8_weights_follow_the_cpu(monkeypatch):
+    from ctxzip.prompt import onnx_backend as ob
+
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    monkeypatch.setattr(ob, "cpu_flags", lambda: {"avx2", "fma"})
+    assert not ob.cpu_has_vnni() and ob.default_weights() == "u8"
+    monkeypatch.setattr(ob, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_vnni"})
+    assert ob.cpu_has_vnni() and ob.default_weights() == "s8"
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    monkeypatch.setattr(ob, "cpu_flags", lambda: {"asimd"})
+    assert ob.default_weights() == "s8"

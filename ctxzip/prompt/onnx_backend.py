@@ -57,6 +57,8 @@ SMOOTH_ALL = ("qkv", "ffn_in", "attn_out", "ffn_out", "head")
 FP32_PARTS = ("embed", "head")
 #: encoder layers whose FFN output product stays fp32 under ``quantize=True`` (see the module doc)
 FP32_FFN_OUT = (0, 1)
+#: int8 weight types of :class:`OnnxClassifier` (``weights=``)
+WEIGHT_TYPES = ("s8", "u8", "s7")
 # session-level fusions that would turn the decomposed layer norms back into the slow kernels
 _LN_FUSIONS = ["LayerNormFusion", "SimplifiedLayerNormFusion", "SkipLayerNormFusion"]
 
@@ -67,6 +69,33 @@ def onnxruntime_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def cpu_flags() -> set[str]:
+    """CPU feature flags of the first core from ``/proc/cpuinfo`` (empty where unreadable)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_vnni() -> bool:
+    """Whether the CPU has x86 VNNI int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX)."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def default_weights() -> str:
+    """Default int8 weight type: ``"u8"`` on x86 CPUs without VNNI, where ONNX Runtime's u8s8
+    kernels can saturate 16-bit pair sums, ``"s8"`` elsewhere (VNNI and ARM dot products
+    accumulate in 32 bits)."""
+    import platform
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+    return "u8" if x86 and not cpu_has_vnni() else "s8"
 
 
 def _require() -> Any:
@@ -134,6 +163,15 @@ class OnnxClassifier:
         split_layer_norm: layer norms as elementwise ops instead of ORT's slower fused kernel.
         attention: ``"mha"`` (``MultiHeadAttention``, flash attention without a mask) or
             ``"fused"`` (packed ``Attention``/``QAttention`` op).
+        weights: how matrix weights are quantized: ``"s8"`` (signed 8-bit, ONNX Runtime's u8s8
+            kernels), ``"u8"`` (unsigned 8-bit with per-channel zero points, u8u8 kernels) or
+            ``"s7"`` (signed 7-bit, ONNX Runtime's ``reduce_range``). On x86 CPUs without VNNI
+            (AVX2, AVX-512F) the u8s8 kernels add pairs of 8-bit products in 16 bits
+            (``vpmaddubsw``), which saturates; the u8u8 kernels widen to 16 bits first and
+            are exact. ``None`` (default): ``"u8"`` on x86 without VNNI, ``"s8"`` elsewhere
+            (:func:`default_weights`). Measured on an AVX2-only CPU with the default classifier
+            at 10k words: 97.91% of decisions identical to fp32 with ``"s8"``, 98.05% with
+            ``"s7"``, 98.61% with ``"u8"`` - the figure ``"s8"`` gives on a VNNI CPU.
         cache: folder for converted graphs (default ``cache_dir()/onnx``); ``False`` = no cache.
     """
 
@@ -141,7 +179,7 @@ class OnnxClassifier:
                  alpha: float = 0.75, smooth: tuple[str, ...] = SMOOTH_ALL, fast_gelu: bool = False,
                  fp32: tuple[str, ...] = FP32_PARTS, fp32_ffn_out: tuple[int, ...] = FP32_FFN_OUT,
                  unpadded: bool = True, split_layer_norm: bool = True,
-                 attention: str = "mha",
+                 attention: str = "mha", weights: str | None = None,
                  cache: str | os.PathLike | bool | None = None) -> None:
         ort = _require()
         import torch
@@ -155,6 +193,9 @@ class OnnxClassifier:
         if bad:
             raise ValueError(f"fp32 parts must be among {FP32_PARTS}, got {sorted(bad)}")
         self.fp32 = tuple(p for p in FP32_PARTS if p in fp32)
+        if isinstance(fp32_ffn_out, (str, bytes)) or not hasattr(fp32_ffn_out, "__iter__"):
+            raise ValueError(f"fp32_ffn_out must be a tuple of layer indices (e.g. (0, 1) or ()), got {fp32_ffn_out!r}")
+        fp32_ffn_out = tuple(fp32_ffn_out)
         if any(not isinstance(i, (int, np.integer)) or isinstance(i, bool) or i < 0 for i in fp32_ffn_out):
             raise ValueError(f"fp32_ffn_out must hold layer indices >= 0, got {fp32_ffn_out!r}")
         self.fp32_ffn_out = tuple(sorted({int(i) for i in fp32_ffn_out}))
@@ -163,9 +204,12 @@ class OnnxClassifier:
         if attention not in ("fused", "mha"):
             raise ValueError(f"attention must be 'fused' or 'mha', got {attention!r}")
         self.attention = attention
+        if weights is not None and weights not in WEIGHT_TYPES:
+            raise ValueError(f"weights must be one of {WEIGHT_TYPES} or None (auto), got {weights!r}")
+        self.weights = (weights or default_weights()) if quantize else "fp32"
         key = _weights_hash(
             model, f"v{FORMAT_VERSION}-q{int(quantize)}-a{alpha}-s{','.join(self.smooth)}-g{int(fast_gelu)}"
-                   f"-f{','.join(self.fp32)}-o{','.join(map(str, self.fp32_ffn_out))}-u{int(self.unpadded)}-l{int(self.split_layer_norm)}-{attention}-{ort.__version__}"
+                   f"-f{','.join(self.fp32)}-o{','.join(map(str, self.fp32_ffn_out))}-u{int(self.unpadded)}-l{int(self.split_layer_norm)}-{attention}-w{self.weights}-{ort.__version__}"
         )
         if cache is False:
             import tempfile
@@ -280,7 +324,8 @@ class OnnxClassifier:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 quantize_dynamic(
-                    str(smooth), str(tmp / "q.onnx"), per_channel=True, weight_type=QuantType.QInt8,
+                    str(smooth), str(tmp / "q.onnx"), per_channel=True, reduce_range=self.weights == "s7",
+                    weight_type=QuantType.QUInt8 if self.weights == "u8" else QuantType.QInt8,
                     nodes_to_exclude=keep_fp32, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
                 )
             src = tmp / "q.onnx"

@@ -126,6 +126,10 @@ class TokenClassifierCompressor(TextCompressor):
             the CPU, else ``"bf16"`` where supported, else ``"int8"``. Approximate modes can flip
             words whose probability sits next to the threshold (agreement with exact mode is
             measured in ``benchmarks/prompt_speed.py``).
+        onnx_options: extra keyword arguments for
+            :class:`ctxzip.prompt.onnx_backend.OnnxClassifier` in the ONNX modes, e.g.
+            ``{"fp32_ffn_out": ()}`` to quantize every FFN output product or ``{"alpha": 0.5}``
+            for another SmoothQuant strength (``quantize`` and ``threads`` are set by ``fast``).
         token_weights: what the percentile/budget counts per word: ``"target"`` - tokens of the
             counting (target-LM) tokenizer, like the anchor's GPT tokenizer; ``"classifier"`` -
             the classifier's own subword tokens.
@@ -162,6 +166,7 @@ class TokenClassifierCompressor(TextCompressor):
     max_seq_len: int = 512
     batch_size: int = 50
     fast: bool | Literal["int8", "bf16", "onnx", "onnx-int8", "onnx-exact"] = False
+    onnx_options: dict[str, Any] | None = None
     token_weights: Literal["target", "classifier"] = "target"
     sentence_filter: bool | None = None
     token_budget_ratio: float = 1.0
@@ -199,6 +204,17 @@ class TokenClassifierCompressor(TextCompressor):
                     f"fast={self.fast!r} needs ONNX Runtime, which is not installed: "
                     "pip install 'ctxzip[fast]' (or use fast='bf16' / 'int8')"
                 )
+        if self.onnx_options is not None:
+            if not isinstance(self.onnx_options, dict):
+                raise TypeError(f"onnx_options must be a dict of OnnxClassifier keyword arguments, got {self.onnx_options!r}")
+            import inspect
+
+            from ctxzip.prompt.onnx_backend import OnnxClassifier
+
+            allowed = set(inspect.signature(OnnxClassifier.__init__).parameters) - {"self", "model", "tokenizer", "quantize", "threads"}
+            bad = sorted(set(self.onnx_options) - allowed)
+            if bad:
+                raise ValueError(f"unknown onnx_options {bad}; allowed: {sorted(allowed)}")
         if self.token_weights not in ("target", "classifier"):
             raise ValueError(f"token_weights must be 'target' or 'classifier', got {self.token_weights!r}")
         for nm in ("max_seq_len", "batch_size"):
@@ -251,7 +267,8 @@ class TokenClassifierCompressor(TextCompressor):
                     raise ValueError(f"fast={kind!r} runs on CPU only; use fast='bf16' on GPU")
                 from ctxzip.prompt.onnx_backend import OnnxClassifier
 
-                self._ort = OnnxClassifier(model, tok, quantize=kind == "onnx-int8", threads=torch.get_num_threads())
+                self._ort = OnnxClassifier(model, tok, quantize=kind == "onnx-int8", threads=torch.get_num_threads(),
+                                           **(self.onnx_options or {}))
             elif kind == "bf16" and _bf16_ok(dev):
                 model = model.to(torch.bfloat16)
             elif kind == "int8":
