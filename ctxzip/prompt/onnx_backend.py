@@ -21,6 +21,8 @@ of whose remedies is mixed precision for exactly those activations). For the Min
 the early layers: leaving layers 0 and 1's FFN output in fp32 (11% of the matrix-product FLOPs)
 raised the share of per-chunk decisions identical to fp32 from 98.06% to 98.81% at 10k words
 with the default classifier, more than any SmoothQuant strength did (docs/prompt.md).
+On x86 CPUs without VNNI the weights are stored as unsigned int8 (``weights``): ONNX Runtime's
+signed-weight kernels saturate 16-bit sums there and lost 0.7-0.8 points of that agreement.
 
 The graph is also shaped for what the compressor feeds it, one unpadded sequence per call:
 
