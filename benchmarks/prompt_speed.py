@@ -82,12 +82,9 @@ def _version(pkg: str) -> str | None:
 
 
 def _cpu_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(ln for ln in f if ln.startswith("flags")).split(":")[1].split()
-    except (OSError, StopIteration):
-        return []
-    return sorted(f for f in flags if f.startswith(("avx512_bf16", "avx512_vnni", "amx", "avx2", "avx512f")))
+    from ctxzip.prompt.onnx_backend import cpu_flags
+
+    return sorted(f for f in cpu_flags() if f.startswith(("avx512_bf16", "avx512_vnni", "avx_vnni", "amx", "avx2", "avx512f")))
 
 
 def plot(info: dict, png: Path) -> None:
@@ -168,6 +165,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT / "prompt_speed.json"))
     ap.add_argument("--classifier-asset", default=None,
                     help="time this distilled classifier folder (export_partial output) instead of the shipped default")
+    ap.add_argument("--onnx-options", type=json.loads, default=None,
+                    help='JSON of OnnxClassifier options for the ONNX rows, e.g. \'{"fp32_ffn_out": [0]}\' '
+                         '(benchmarks/prompt_int8_ablation.py measures their agreement)')
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     args = ap.parse_args()
     if args.plot_only:
@@ -186,6 +186,7 @@ def main() -> None:
 
     from ctxzip.budget import Budget
     from ctxzip.prompt import TokenClassifierCompressor, load_default_classifier
+    from ctxzip.prompt.onnx_backend import cpu_has_vnni, default_weights
 
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -213,7 +214,8 @@ def main() -> None:
 
     common = dict(model=str(tmp), tokenizer=tok, token_weights="classifier", return_word_labels=True, mode="chunk")
     fast_of = {"exact": False, "exact-onnx": "onnx-exact", "fast-onnx-int8": "onnx-int8", "fast-onnx": "onnx", "fast-bf16": "bf16", "fast-int8": "int8"}
-    ours = {m: TokenClassifierCompressor(fast=fast_of[m], **common) for m in args.methods}
+    ours = {m: TokenClassifierCompressor(fast=fast_of[m], onnx_options=args.onnx_options if "onnx" in m else None, **common)
+            for m in args.methods}
     setup = {}
     for name, c in ours.items():
         t0 = time.perf_counter()
@@ -274,12 +276,14 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch_threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
                     "loadavg": os.getloadavg(), "onnxruntime": _version("onnxruntime"),
-                    "cpu_flags": _cpu_flags()},
+                    "cpu_flags": _cpu_flags(), "cpu_vnni": cpu_has_vnni()},
         "command": " ".join(["python", "benchmarks/prompt_speed.py", *sys.argv[1:]]),
         "anchor": "llmlingua 0.2.2 compress_prompt_llmlingua2 (tiktoken replaced by the classifier tokenizer)",
         "model": (f"distilled MiniLM token classifier from {args.classifier_asset} (same weights for both)" if args.classifier_asset
                   else "ctxzip default distilled MiniLM token classifier (same weights for both), from ctxzip/assets"),
         "setup_seconds": setup,
+        "onnx_options": args.onnx_options,
+        "onnx_int8_weights": ((args.onnx_options or {}).get("weights") or default_weights()),
         "goal": "exact mode: identical decisions, faster than the anchor; fast mode >= 3x the anchor's words/s at 10k and 50k words with >= 98% identical keep-decisions",
         "results": results,
     }
