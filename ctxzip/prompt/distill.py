@@ -58,12 +58,12 @@ ASSET_NAME = "lingua2-minilm"
 
 #: the recipe of the shipped default (``ctxzip prompt distill --default`` uses it unless told
 #: otherwise): every sample of the default corpus, four trained layers stored as int8 deltas
-#: (7.2 MB). docs/prompt.md ("Tenth session", "Eleventh session") has the measurements behind each choice.
+#: (7.2 MB). docs/prompt.md ("Tenth session" to "Twelfth session") has the measurements behind each choice.
 DEFAULT_RECIPE: dict[str, Any] = {
     "max_samples": 1632,
     "metadata_chars": 600_000,
     "docstring_chars": 1_000_000,
-    "sentence_weight": 0.9,
+    "sentence_weight": 1.0,
     "epochs": 3,
     "batch_size": 8,
     "lr": 3e-4,
