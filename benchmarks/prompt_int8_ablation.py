@@ -23,7 +23,7 @@ Variants (:class:`ctxzip.prompt.onnx_backend.OnnxClassifier` options, passed thr
 Also recorded per variant: the share of matrix-product FLOPs left in fp32 (per token, encoder
 linear layers only; attention score products and the head excluded).
 
-    python benchmarks/prompt_int8_ablation.py                       # shipped default, ~3-5 min
+    python benchmarks/prompt_int8_ablation.py                       # shipped default, 10k words: ~6 min
     python benchmarks/prompt_int8_ablation.py --classifier-asset DIR --out OUT.json
 """
 
