@@ -24,6 +24,7 @@ Also recorded per variant: the share of matrix-product FLOPs left in fp32 (per t
 linear layers only; attention score products and the head excluded).
 
     python benchmarks/prompt_int8_ablation.py                       # shipped default, 10k words: ~6 min
+    python benchmarks/prompt_int8_ablation.py --quick --out /tmp/a.json  # 2k words, 3 variants
     python benchmarks/prompt_int8_ablation.py --classifier-asset DIR --out OUT.json
 """
 
@@ -73,14 +74,19 @@ def fp32_flop_share(cfg, fp32_layers: tuple[int, ...]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--words", type=int, nargs="*", default=[10000], help="input sizes in words (default 10000)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2k words, three variants")
+    ap.add_argument("--words", type=int, nargs="*", default=None, help="input sizes in words (default 10000)")
     ap.add_argument("--rate", type=float, default=0.33)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"subset of {list(VARIANTS)}")
+    ap.add_argument("--variants", nargs="*", default=None, help=f"subset of {list(VARIANTS)} (default: all)")
     ap.add_argument("--classifier-asset", default=None,
                     help="a distilled classifier folder (export_partial output) instead of the shipped default")
     ap.add_argument("--out", default=str(OUT / "prompt_int8_ablation.json"))
     args = ap.parse_args()
+    if args.words is None:
+        args.words = [2000] if args.quick else [10000]
+    if args.variants is None:
+        args.variants = ["all-int8", "ffn-out-fp32-L0-1", "onnx-fp32"] if args.quick else list(VARIANTS)
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
         ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
