@@ -186,7 +186,7 @@ def main() -> None:
 
     from ctxzip.budget import Budget
     from ctxzip.prompt import TokenClassifierCompressor, load_default_classifier
-    from ctxzip.prompt.onnx_backend import cpu_has_vnni, default_weights
+    from ctxzip.prompt.onnx_backend import cpu_has_vnni
 
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -283,7 +283,8 @@ def main() -> None:
                   else "ctxzip default distilled MiniLM token classifier (same weights for both), from ctxzip/assets"),
         "setup_seconds": setup,
         "onnx_options": args.onnx_options,
-        "onnx_int8_weights": ((args.onnx_options or {}).get("weights") or default_weights()),
+        # what the int8 graph was actually built with (OnnxClassifier resolves weights=None per CPU)
+        "onnx_int8_weights": ours["fast-onnx-int8"]._ort.weights if "fast-onnx-int8" in ours else None,
         "goal": "exact mode: identical decisions, faster than the anchor; fast mode >= 3x the anchor's words/s at 10k and 50k words with >= 98% identical keep-decisions",
         "results": results,
     }
