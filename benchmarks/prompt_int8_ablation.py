@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 OUT = ROOT / "benchmarks" / "results"
 
-from prompt_speed import _version, agreement, words_text  # noqa: E402
+from prompt_speed import _version, agreement, load_classifier, words_text  # noqa: E402
 
 VARIANTS: dict[str, tuple[str, dict]] = {
     "all-int8": ("onnx-int8", {"fp32_ffn_out": ()}),
@@ -96,16 +96,11 @@ def main() -> None:
     import torch
 
     from ctxzip.budget import Budget
-    from ctxzip.prompt import TokenClassifierCompressor, load_default_classifier
+    from ctxzip.prompt import TokenClassifierCompressor
     from ctxzip.prompt.onnx_backend import FP32_FFN_OUT, cpu_has_vnni, default_weights
 
     torch.set_num_threads(args.threads)
-    if args.classifier_asset:
-        from ctxzip.prompt.distill import load_partial
-
-        model, tok = load_partial(args.classifier_asset)
-    else:
-        model, tok = load_default_classifier()
+    model, tok = load_classifier(args.classifier_asset)
     # the speed benchmark's settings: the anchor-compatible per-chunk mode, classifier tokens
     common = dict(model=model, classifier_tokenizer=tok, tokenizer=tok, token_weights="classifier",
                   return_word_labels=True, mode="chunk")

@@ -72,6 +72,14 @@ def agreement(a_words, a_labels, b_words, b_labels) -> dict:
             "identical": same / max(n, 1)}
 
 
+def load_classifier(asset: str | None):
+    """``(model, tokenizer)``: a distilled classifier folder (``export_partial`` output) or,
+    without one, the shipped default."""
+    from ctxzip.prompt.distill import load_default_classifier, load_partial
+
+    return load_partial(asset) if asset else load_default_classifier()
+
+
 def _version(pkg: str) -> str | None:
     try:
         from importlib.metadata import version
@@ -185,7 +193,7 @@ def main() -> None:
     from llmlingua import PromptCompressor
 
     from ctxzip.budget import Budget
-    from ctxzip.prompt import TokenClassifierCompressor, load_default_classifier
+    from ctxzip.prompt import TokenClassifierCompressor
     from ctxzip.prompt.onnx_backend import cpu_has_vnni
 
     torch.set_num_threads(args.threads)
@@ -193,12 +201,7 @@ def main() -> None:
     tmp_root = tempfile.mkdtemp(prefix="ctxzip-speed-")
     atexit.register(shutil.rmtree, tmp_root, ignore_errors=True)
     tmp = Path(tmp_root) / "bert-base-multilingual-cased-ctxzip-minilm"
-    if args.classifier_asset:
-        from ctxzip.prompt.distill import load_partial
-
-        model, tok = load_partial(args.classifier_asset)
-    else:
-        model, tok = load_default_classifier()
+    model, tok = load_classifier(args.classifier_asset)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
 
