@@ -80,6 +80,30 @@ def load_classifier(asset: str | None):
     return load_partial(asset) if asset else load_default_classifier()
 
 
+def make_anchor(model, tok):
+    """``(anchor, folder)``: ``llmlingua``'s LLMLingua-2 ``PromptCompressor`` on ``model``, saved
+    to a temporary folder (removed at exit) whose name selects the anchor's ``##`` word merging,
+    with its network-fetched GPT tokenizer replaced by ``tok`` (benchmark-only patch)."""
+    import tiktoken
+    from llmlingua import PromptCompressor
+
+    tmp_root = tempfile.mkdtemp(prefix="ctxzip-speed-")
+    atexit.register(shutil.rmtree, tmp_root, ignore_errors=True)
+    tmp = Path(tmp_root) / "bert-base-multilingual-cased-ctxzip-minilm"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+
+    class Standin:
+        def encode(self, s):
+            return tok(s, add_special_tokens=False)["input_ids"]
+
+        def decode(self, ids):
+            return tok.decode(ids)
+
+    tiktoken.encoding_for_model = lambda name: Standin()  # benchmark-only patch (offline)
+    return PromptCompressor(model_name=str(tmp), device_map="cpu", use_llmlingua2=True), tmp
+
+
 def _version(pkg: str) -> str | None:
     try:
         from importlib.metadata import version
@@ -188,9 +212,7 @@ def main() -> None:
             return args.reps
         return 1 if args.quick else (2 if n >= 50000 else 5)
 
-    import tiktoken
     import torch
-    from llmlingua import PromptCompressor
 
     from ctxzip.budget import Budget
     from ctxzip.prompt import TokenClassifierCompressor
@@ -198,22 +220,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    tmp_root = tempfile.mkdtemp(prefix="ctxzip-speed-")
-    atexit.register(shutil.rmtree, tmp_root, ignore_errors=True)
-    tmp = Path(tmp_root) / "bert-base-multilingual-cased-ctxzip-minilm"
     model, tok = load_classifier(args.classifier_asset)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-
-    class Standin:
-        def encode(self, s):
-            return tok(s, add_special_tokens=False)["input_ids"]
-
-        def decode(self, ids):
-            return tok.decode(ids)
-
-    tiktoken.encoding_for_model = lambda name: Standin()  # benchmark-only patch (offline)
-    anchor = PromptCompressor(model_name=str(tmp), device_map="cpu", use_llmlingua2=True)
+    anchor, tmp = make_anchor(model, tok)
 
     common = dict(model=str(tmp), tokenizer=tok, token_weights="classifier", return_word_labels=True, mode="chunk")
     fast_of = {"exact": False, "exact-onnx": "onnx-exact", "fast-onnx-int8": "onnx-int8", "fast-onnx": "onnx", "fast-bf16": "bf16", "fast-int8": "int8"}
