@@ -493,17 +493,12 @@ def _paired_bootstrap(rows: list[dict[str, Any]], a: str, b: str, rate: str,
     """Pooled benefit of ``a`` minus ``b``, with a 95% interval from resampling modules
     (paired: both methods on the same resampled modules) and the share of resamples where
     ``a`` is ahead."""
-    none = np.array([r["nll_none"] for r in rows])
-    gap = none - np.array([r["nll_full"] for r in rows])
-    ga = none - np.array([r["methods"][a][rate]["nll"] for r in rows])
-    gb = none - np.array([r["methods"][b][rate]["nll"] for r in rows])
-    idx = np.random.default_rng(seed).integers(0, len(rows), (n, len(rows)))
-    den = gap[idx].sum(1)
-    ok = np.abs(den) > 1e-12
-    diff = (ga[idx].sum(1)[ok] - gb[idx].sum(1)[ok]) / den[ok]
-    return {"diff": float((ga.sum() - gb.sum()) / gap.sum()),
-            "ci95": [float(x) for x in np.percentile(diff, [2.5, 97.5])],
-            "p_ahead": float((diff > 0).mean())}
+    from ctxzip.eval import pooled_benefit_diff
+
+    d = pooled_benefit_diff([r["nll_none"] for r in rows], [r["nll_full"] for r in rows],
+                            [r["methods"][a][rate]["nll"] for r in rows], [r["methods"][b][rate]["nll"] for r in rows],
+                            n_boot=n, seed=seed)
+    return {k: d[k] for k in ("diff", "ci95", "p_ahead")}
 
 
 def _summary(rows: list[dict[str, Any]], rates: list[float]) -> dict[str, Any]:

@@ -89,7 +89,7 @@ def main() -> None:
     import torch
 
     from ctxzip.budget import Budget
-    from ctxzip.eval import ContextEvaluator, pooled_benefit
+    from ctxzip.eval import ContextEvaluator, pooled_benefit, pooled_benefit_diff
     from ctxzip.prompt import (
         PerplexityCompressor,
         RandomDropCompressor,
@@ -168,12 +168,28 @@ def main() -> None:
                         ratios.append(a[0]["seconds"] / b[0]["seconds"])
                         cpu_ratios.append(a[0]["cpu_seconds"] / max(b[0]["cpu_seconds"], 1e-9))
                 T = ("continuation", "recall")
+
+                def paired(a: str, b: str, t: str, rate: float = rate) -> dict:
+                    """100 x (pooled benefit of ``a`` - ``b``) with a paired bootstrap 95%
+                    interval over the documents both have."""
+                    ra = {r["doc"]: r for r in rows if r["method"] == a and r["rate"] == rate}
+                    rb = {r["doc"]: r for r in rows if r["method"] == b and r["rate"] == rate}
+                    docs = sorted(set(ra) & set(rb))
+                    d = pooled_benefit_diff([ra[x]["nll"][t]["none"] for x in docs], [ra[x]["nll"][t]["full"] for x in docs],
+                                            [ra[x]["nll"][t]["compressed"] for x in docs],
+                                            [rb[x]["nll"][t]["compressed"] for x in docs])
+                    return {"points": 100 * d["diff"], "ci95": [100 * v for v in d["ci95"]], "p_ahead": d["p_ahead"],
+                            "n_docs": d["n_cases"]}
+
                 goals[str(rate)] = {
                     "teacher": "perplexity-budget",
                     "points_below_teacher": {t: 100 * (te[f"{t}_pooled"] - st[f"{t}_pooled"]) for t in T},
+                    # paired over documents: how much the gap depends on which 10 documents were drawn
+                    "points_below_teacher_bootstrap": {t: paired("perplexity-budget", "lingua2-distilled", t) for t in T},
                     "speedup_vs_teacher_median": statistics.median(ratios) if ratios else None,
                     "speedup_vs_teacher_cpu_median": statistics.median(cpu_ratios) if cpu_ratios else None,
                     "student_points_above_random": {t: 100 * (st[f"{t}_pooled"] - rd[f"{t}_pooled"]) for t in T} if rd else None,
+                    "student_points_above_random_bootstrap": {t: paired("lingua2-distilled", "random", t) for t in T} if rd else None,
                     "teacher_points_above_random": {t: 100 * (te[f"{t}_pooled"] - rd[f"{t}_pooled"]) for t in T} if rd else None,
                     "truncate_tail_minus_student": {t: 100 * (tr[f"{t}_pooled"] - st[f"{t}_pooled"]) for t in T} if tr else None,
                     "achieved_rate": {"student": st["achieved_rate"], "teacher": te["achieved_rate"], "random": rd["achieved_rate"] if rd else None},

@@ -10,6 +10,7 @@ from ctxzip.eval import (
     code_documents,
     context_benefit,
     pooled_benefit,
+    pooled_benefit_diff,
     prose_documents,
 )
 from ctxzip.testing import tiny_causal_lm
@@ -75,6 +76,36 @@ def test_score_items_matches_direct_computation(family):
     got_c = ev.score_items(ctx, items, make_cache=make_cache)
     for a, b in zip(got, got_c):
         assert a[0] == pytest.approx(b[0], rel=1e-4, abs=1e-4)
+
+
+def test_pooled_benefit_diff_paired_interval():
+    rng = np.random.default_rng(1)
+    none = rng.uniform(3.0, 4.0, 12)
+    full = none - rng.uniform(0.5, 1.5, 12)
+    a = none - 0.8 * (none - full)  # a keeps 80% of every case's benefit
+    b = none - 0.5 * (none - full)  # b keeps 50%
+    d = pooled_benefit_diff(none, full, a, b, n_boot=500)
+    assert d["diff"] == pytest.approx(0.3)
+    # a constant per-case ratio survives every resample: the interval collapses onto it
+    assert d["ci95"] == pytest.approx([0.3, 0.3])
+    assert d["p_ahead"] == 1.0 and d["n_cases"] == 12
+    assert d["diff"] == pytest.approx(pooled_benefit(zip(none, full, a)) - pooled_benefit(zip(none, full, b)))
+    # noisy gaps: the interval contains the estimate, is deterministic per seed, flips with the order
+    c = none - rng.uniform(0.2, 1.0, 12) * (none - full)
+    d1 = pooled_benefit_diff(none, full, c, b, n_boot=500, seed=3)
+    assert d1["ci95"][0] < d1["diff"] < d1["ci95"][1]
+    assert d1 == pooled_benefit_diff(none, full, c, b, n_boot=500, seed=3)
+    d2 = pooled_benefit_diff(none, full, b, c, n_boot=500, seed=3)
+    assert d2["diff"] == pytest.approx(-d1["diff"])
+    assert d2["ci95"] == pytest.approx([-d1["ci95"][1], -d1["ci95"][0]])
+    with pytest.raises(ValueError, match="same non-zero length"):
+        pooled_benefit_diff(none, full, a, b[:-1])
+    with pytest.raises(ValueError, match="same non-zero length"):
+        pooled_benefit_diff([], [], [], [])
+    with pytest.raises(ValueError, match="n_boot"):
+        pooled_benefit_diff(none, full, a, b, n_boot=0)
+    with pytest.raises(ValueError, match="undefined"):
+        pooled_benefit_diff(none, none, a, b)
 
 
 def test_make_case_layout_and_errors():

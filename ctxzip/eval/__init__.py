@@ -7,6 +7,7 @@ from ctxzip.eval.metric import (
     EvalCase,
     context_benefit,
     pooled_benefit,
+    pooled_benefit_diff,
 )
 
 __all__ = [
@@ -18,5 +19,6 @@ __all__ = [
     "EvalCase",
     "context_benefit",
     "pooled_benefit",
+    "pooled_benefit_diff",
     "TARGETS",
 ]

@@ -34,6 +34,7 @@ __all__ = [
     "ContextEvaluator",
     "context_benefit",
     "pooled_benefit",
+    "pooled_benefit_diff",
     "TARGETS",
 ]
 
@@ -59,6 +60,45 @@ def pooled_benefit(rows: Iterable[tuple[float, float, float]]) -> float:
         num += none - comp
         den += none - full
     return num / den if abs(den) > 1e-12 else float("nan")
+
+
+def pooled_benefit_diff(
+    none: Sequence[float], full: Sequence[float], comp_a: Sequence[float], comp_b: Sequence[float],
+    *, n_boot: int = 5000, seed: int = 0,
+) -> dict[str, Any]:
+    """Pooled benefit of method ``a`` minus method ``b`` on the same cases, with a paired
+    bootstrap 95% interval.
+
+    Cases are resampled with replacement ``n_boot`` times; both methods are pooled over the same
+    resample (paired), so the interval reflects how much the gap depends on which documents
+    were drawn, not the spread of either method alone.
+
+    Args:
+        none, full: NLL of each case's target without context and with the full context.
+        comp_a, comp_b: NLL with method ``a``'s and method ``b``'s compressed context.
+        n_boot: resamples (>= 1). seed: RNG seed (the interval is deterministic).
+
+    Returns:
+        ``{"diff": a - b, "ci95": [lo, hi], "p_ahead": share of resamples where a > b,
+        "n_cases": n}`` (benefits as fractions, not points).
+    """
+    arrs = [np.asarray(x, dtype=np.float64) for x in (none, full, comp_a, comp_b)]
+    n = len(arrs[0])
+    if n == 0 or any(len(a) != n for a in arrs):
+        raise ValueError(f"none, full, comp_a and comp_b need the same non-zero length, got {[len(a) for a in arrs]}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    nn, ff, ca, cb = arrs
+    gap, ga, gb = nn - ff, nn - ca, nn - cb
+    if abs(gap.sum()) < 1e-12:
+        raise ValueError("the full context does not change the NLL: the pooled benefit is undefined")
+    idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+    den = gap[idx].sum(1)
+    ok = np.abs(den) > 1e-12
+    boot = (ga[idx].sum(1)[ok] - gb[idx].sum(1)[ok]) / den[ok]
+    return {"diff": float((ga.sum() - gb.sum()) / gap.sum()),
+            "ci95": [float(x) for x in np.percentile(boot, [2.5, 97.5])],
+            "p_ahead": float((boot > 0).mean()), "n_cases": n}
 
 
 @dataclass
