@@ -208,3 +208,51 @@ def test_int8_delta_storage_is_half_the_bytes(tmp_path):
     assert json.loads((tmp_path / "q8" / "meta.json").read_text())["storage"] == "int8-delta"
     with pytest.raises(ValueError, match="storage"):
         export_partial(model, tmp_path / "bad", [5], storage="int4")
+
+
+def test_check_default_corpus_against_recorded_sources(tmp_path, capsys):
+    """``ctxzip prompt distill --check-corpus`` says whether this environment would rebuild the
+    shipped default from the same text (installed packages' descriptions are part of it)."""
+    from ctxzip.cli import main
+    from ctxzip.prompt.distill import (
+        DEFAULT_RECIPE,
+        check_default_corpus,
+        corpus_digest,
+        default_corpus,
+    )
+
+    corpus = default_corpus("train", metadata_chars=DEFAULT_RECIPE["metadata_chars"],
+                            docstring_chars=DEFAULT_RECIPE["docstring_chars"])
+    sources = [s for s, _ in corpus]
+    chars = sum(len(t) for _, t in corpus)
+
+    def asset(name: str, recorded: dict) -> str:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "meta.json").write_text(json.dumps({"distill_log": {"corpus": recorded}}))
+        return str(d)
+
+    same = asset("same", {"sources": sources, "chars": chars, "sha256": corpus_digest(corpus)})
+    rep = check_default_corpus(same)
+    assert rep["match"] and rep["missing"] == [] and rep["extra"] == [] and rep["chars"] == chars
+    # an asset built where one more package was installed, and one fewer
+    other = asset("other", {"sources": ["metadata:gone-1.0.dist-info", *sources[1:]], "chars": chars})
+    rep = check_default_corpus(other)
+    assert not rep["match"]
+    assert rep["missing"] == ["metadata:gone-1.0.dist-info"] and rep["extra"] == [sources[0]]
+    # same sources, other text: the digest tells
+    edited = asset("edited", {"sources": sources, "chars": chars, "sha256": "0" * 64})
+    assert not check_default_corpus(edited)["match"]
+    assert main(["prompt", "distill", "--check-corpus", "--asset-dir", same]) == 0
+    assert json.loads(capsys.readouterr().out)["match"] is True
+    assert main(["prompt", "distill", "--check-corpus", "--asset-dir", other]) == 1
+    err = capsys.readouterr().err
+    assert "differs from the one the shipped classifier was trained on" in err and "gone-1.0" in err
+    # not an asset / an asset without a recorded corpus: clear errors, not KeyError
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        check_default_corpus(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="records no training corpus"):
+        check_default_corpus(asset("bare", {}))
+    assert main(["prompt", "distill", "--check-corpus", "--asset-dir", str(tmp_path / "nowhere")]) == 2
+    # the shipped asset records its corpus, so the check runs against it by default
+    assert check_default_corpus()["shipped_sources"] > 0

@@ -22,6 +22,9 @@ def register(sub: Any) -> None:
         ),
     )
     d.add_argument("--default", action="store_true", help="rebuild the shipped default (writes ctxzip/assets/lingua2-minilm unless --asset-dir)")
+    d.add_argument("--check-corpus", action="store_true",
+                   help="only compare the corpus --default would train on here with the shipped default's "
+                        "(or with --asset-dir's meta.json; JSON on stdout; exit 0 if identical, 1 if not)")
     d.add_argument("--texts", nargs="*", default=None, help="UTF-8 text files to label with the teacher (instead of the default corpus)")
     d.add_argument("--pairs", default=None, help="JSON/JSONL of {prompt, compressed_prompt} pairs (LLMLingua-2 data format)")
     d.add_argument("--out", default=None, help="save_pretrained directory for the full model")
@@ -52,6 +55,18 @@ def register(sub: Any) -> None:
     d.set_defaults(func=_distill)
 
 
+def _corpus_warning(rep: dict) -> str:
+    def few(xs: list) -> str:
+        return ", ".join(xs[:5]) + (f" and {len(xs) - 5} more" if len(xs) > 5 else "") if xs else "none"
+
+    return ("warning: the default corpus here differs from the one the shipped classifier was trained on "
+            f"({rep['sources']} sources / {rep['chars']:,} characters here, {rep['shipped_sources']} / "
+            f"{rep['shipped_chars'] or 0:,} shipped; missing here: {few(rep['missing'])}; new here: {few(rep['extra'])}). "
+            "It includes installed packages' descriptions, so the rebuilt classifier will not be identical "
+            "to the shipped one; install the recorded package versions (ctxzip/assets/lingua2-minilm/meta.json) "
+            "to reproduce it exactly.")
+
+
 def _distill(args: argparse.Namespace) -> int:
     import torch
 
@@ -67,9 +82,21 @@ def _distill(args: argparse.Namespace) -> int:
         if v is not None:
             setattr(cfg, k, v)
     progress = not args.no_progress
+    if args.check_corpus:
+        rep = D.check_default_corpus(args.asset_dir)
+        print(json.dumps(rep, indent=1))
+        if not rep["match"]:
+            print(_corpus_warning(rep), file=sys.stderr)
+        return 0 if rep["match"] else 1
     if args.default:
         if args.texts or args.pairs:
             raise ValueError("--default uses the built-in corpus; drop --texts/--pairs")
+        try:
+            rep = D.check_default_corpus()
+        except (OSError, ValueError):  # no shipped asset to compare with: nothing to warn about
+            rep = {"match": True}
+        if not rep["match"]:
+            print(_corpus_warning(rep), file=sys.stderr)
         asset = args.asset_dir or str(D.default_asset_dir())
         R = D.DEFAULT_RECIPE
         log = D.distill_default(

@@ -25,6 +25,7 @@ Reproduce the shipped default with ``ctxzip prompt distill --default`` (see ``do
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -41,6 +42,8 @@ import numpy as np
 __all__ = [
     "DistillConfig",
     "default_corpus",
+    "corpus_digest",
+    "check_default_corpus",
     "teacher_labels",
     "label_words_from_pair",
     "load_pairs",
@@ -128,6 +131,13 @@ def _stdlib_docstrings(max_chars: int, min_doc_chars: int = 300) -> list[tuple[s
     least ``min_doc_chars`` characters, one document per module, in file order): English
     reference prose written by CPython's authors, never part of the evaluation documents
     (those come from ``pydoc_data.topics``)."""
+    return list(_stdlib_docstrings_parsed(int(max_chars), int(min_doc_chars)))
+
+
+@functools.lru_cache(maxsize=4)
+def _stdlib_docstrings_parsed(max_chars: int, min_doc_chars: int) -> tuple[tuple[str, str], ...]:
+    """:func:`_stdlib_docstrings`, parsed once per process (the standard library does not
+    change under a running interpreter; parsing it takes seconds)."""
     import ast
     import inspect
 
@@ -155,7 +165,7 @@ def _stdlib_docstrings(max_chars: int, min_doc_chars: int = 300) -> list[tuple[s
         total += len(text)
         if total >= max_chars:
             break
-    return out
+    return tuple(out)
 
 
 def default_corpus(
@@ -183,6 +193,56 @@ def default_corpus(
     if split == "train" and docstring_chars > 0:
         out += _stdlib_docstrings(docstring_chars)
     return out
+
+
+def corpus_digest(corpus: Sequence[tuple[str, str]]) -> str:
+    """sha256 of a ``(source_id, text)`` corpus (ids and texts, in order)."""
+    h = hashlib.sha256()
+    for sid, text in corpus:
+        for part in (sid, text):
+            b = part.encode("utf-8", "surrogatepass")
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+    return h.hexdigest()
+
+
+def check_default_corpus(asset_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Would ``ctxzip prompt distill --default`` train on the same text here as the shipped
+    default did?
+
+    The default corpus is ``pydoc_data.topics`` (this interpreter's), CPython docstrings and the
+    descriptions of the *installed* packages, so another Python version or another set of
+    installed packages (or versions) changes it, and the rebuilt classifier then differs from
+    the shipped one. This builds the corpus with :data:`DEFAULT_RECIPE` and compares it with
+    the one recorded in the asset's ``meta.json`` (``asset_dir``; default: the shipped
+    asset). Takes a few seconds; no model is loaded.
+
+    Returns ``{"match", "sources", "shipped_sources", "chars", "shipped_chars", "sha256",
+    "shipped_sha256", "missing", "extra"}``: ``missing`` = recorded sources absent here (e.g.
+    another version of a package), ``extra`` = sources here the shipped corpus did not have.
+    ``shipped_sha256`` is ``None`` for assets exported before it was recorded; then ``match``
+    compares the source list and the character count only.
+    """
+    folder = Path(asset_dir) if asset_dir is not None else default_asset_dir()
+    meta_file = folder / "meta.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"no meta.json in {folder}: not a distilled classifier asset")
+    rec = json.loads(meta_file.read_text()).get("distill_log", {}).get("corpus")
+    if not rec or "sources" not in rec:
+        raise ValueError(f"{meta_file} records no training corpus (not built by `ctxzip prompt distill --default`)")
+    corpus = default_corpus("train", metadata_chars=DEFAULT_RECIPE["metadata_chars"],
+                            docstring_chars=DEFAULT_RECIPE["docstring_chars"])
+    now = [sid for sid, _ in corpus]
+    chars = sum(len(t) for _, t in corpus)
+    digest = corpus_digest(corpus)
+    shipped, now_set = list(rec["sources"]), set(now)
+    shipped_set = set(shipped)
+    match = now == shipped and chars == rec.get("chars")
+    if rec.get("sha256"):
+        match = match and digest == rec["sha256"]
+    return {"match": bool(match), "sources": len(now), "shipped_sources": len(shipped), "chars": chars,
+            "shipped_chars": rec.get("chars"), "sha256": digest, "shipped_sha256": rec.get("sha256"),
+            "missing": [x for x in shipped if x not in now_set], "extra": [x for x in now if x not in shipped_set]}
 
 
 def holdout_topic_keys(holdout_every: int = 5) -> list[str]:
@@ -974,6 +1034,7 @@ def distill_default(
     log["corpus"] = {
         "sources": [s for s, _ in corpus],
         "chars": sum(len(t) for _, t in corpus),
+        "sha256": corpus_digest(corpus),
         "samples": len(smp),
         "classifier_tokens": int(sum(len(r["ids"]) for r in recs)),
         "holdout_topics": holdout_topic_keys(),
