@@ -248,14 +248,20 @@ def main() -> None:
     import torch
     from tqdm import tqdm
 
-    from ctxzip.models import load_causal_lm, load_encoder
+    from ctxzip.models import causal_lm_path, load_causal_lm, load_encoder, load_pretrained
+
+    def lm_window(config: Any) -> int:
+        return int(getattr(config, "max_position_embeddings", 8192) or 8192)
 
     torch.set_num_threads(args.threads)
-    model, tok = load_causal_lm(args.model)
-    window = int(getattr(model.config, "max_position_embeddings", 8192) or 8192)
-    if args.from_cache:  # summarise the cached modules of this config (no LM work)
+    if args.from_cache:  # summarise the cached modules of this config (no LM work: config only)
+        from transformers import AutoConfig
+
+        window = lm_window(load_pretrained(AutoConfig, causal_lm_path(args.model), "target LM config"))
         _write(args, _cached_rows(args, max_context, n_modules), time.time(), window)
         return
+    model, tok = load_causal_lm(args.model)
+    window = lm_window(model.config)
     ev = ContextEvaluator(model, tok)
     encoder = load_encoder()
 
