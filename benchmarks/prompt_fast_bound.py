@@ -53,7 +53,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 OUT = ROOT / "benchmarks" / "results"
 
-from prompt_speed import _cpu_flags, _version, agreement, load_classifier, make_anchor, words_text  # noqa: E402
+from prompt_speed import (  # noqa: E402
+    _cpu_flags,
+    _version,
+    agreement,
+    load_classifier,
+    make_anchor,
+    words_text,
+    write_report,
+)
 
 GOAL_SPEEDUP = 3.0
 GOAL_AGREEMENT = 0.98
@@ -364,10 +372,7 @@ def main() -> None:
         "lower_bound": bound,
         "windows": wrows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(info, indent=1))
-    plot(info, Path(args.out).with_suffix(".png"))
-    print(f"wrote {args.out}")
+    write_report(info, args.out, plot)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,14 @@ def make_anchor(model, tok):
     return PromptCompressor(model_name=str(tmp), device_map="cpu", use_llmlingua2=True), tmp
 
 
+def write_report(info: dict, out: str | Path, plot_fn) -> None:
+    """Write ``info`` as JSON to ``out`` and ``plot_fn(info, png)`` next to it."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(info, indent=1))
+    plot_fn(info, Path(out).with_suffix(".png"))
+    print(f"wrote {out}")
+
+
 def _version(pkg: str) -> str | None:
     try:
         from importlib.metadata import version
@@ -299,10 +307,7 @@ def main() -> None:
         "goal": "exact mode: identical decisions, faster than the anchor; fast mode >= 3x the anchor's words/s at 10k and 50k words with >= 98% identical keep-decisions",
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(info, indent=1))
-    plot(info, Path(args.out).with_suffix(".png"))
-    print(f"wrote {args.out}")
+    write_report(info, args.out, plot)
 
 
 if __name__ == "__main__":
