@@ -1,4 +1,6 @@
-"""Shared test matrix for the KV-cache presses: every press x every tiny family.
+"""Shared test matrix for the KV-cache presses: every press x every tiny family
+(``tests/test_kvcache_eviction.py`` keeps only press-specific checks: scores against eager
+attention, PyramidKV's budget schedule, the one-prefill evaluation path).
 
 Checks: identity at full budget (logits equal to no press), positions continue from the
 original length (decode after eviction equals the uncompressed model with the evicted columns
@@ -25,10 +27,13 @@ from ctxzip.kvcache import (
     KNormPress,
     LowRankLayer,
     LowRankPress,
+    ObservedAttentionPress,
+    PyramidKVPress,
     RaggedLayer,
     RazorAttentionPress,
     SnapKVPress,
     StreamingLLMPress,
+    TOVAPress,
     cache_nbytes,
     calibrate_pca,
     generate,
@@ -72,6 +77,20 @@ def make_press(name: str, budget: Budget, model=None, family=None, **kw):
         return EMSPress(budget=budget, window=8, **kw)
     if name == "ems_uniform":
         return EMSPress(budget=budget, window=8, head_budget="uniform", **kw)
+    if name == "observed":
+        return ObservedAttentionPress(budget=budget, **kw)
+    if name == "observed_adaptive":
+        return ObservedAttentionPress(budget=budget, head_budget="adaptive", **kw)
+    if name == "h2o_raw":
+        return ObservedAttentionPress(budget=budget, normalize=False, gqa="sum", **kw)
+    if name == "tova":
+        return TOVAPress(budget=budget, **kw)
+    if name == "snapkv_gqa_max":
+        return SnapKVPress(budget=budget, window=8, gqa="max", **kw)
+    if name == "pyramidkv":
+        return PyramidKVPress(budget=budget, window=8, **kw)
+    if name == "pyramidkv_adaptive":
+        return PyramidKVPress(budget=budget, window=8, head_budget="adaptive", **kw)
     if name == "razor":
         return RazorAttentionPress(budget=budget, min_buffer=4, retrieval_fraction=0.5, **kw)
     if name == "lowrank":
@@ -79,7 +98,9 @@ def make_press(name: str, budget: Budget, model=None, family=None, **kw):
     raise KeyError(name)
 
 
-EVICTION = ["streaming", "snapkv", "snapkv_adaptive", "h2o", "knorm", "ems", "ems_uniform"]
+EVICTION = ["streaming", "snapkv", "snapkv_adaptive", "snapkv_gqa_max", "h2o", "h2o_raw", "observed",
+            "observed_adaptive", "tova", "pyramidkv", "pyramidkv_adaptive", "knorm", "ems", "ems_uniform"]
+PYRAMID = {"pyramidkv", "pyramidkv_adaptive"}  # the budget is split unevenly over the layers
 ALL = EVICTION + ["razor", "lowrank"]
 
 
@@ -135,7 +156,8 @@ def test_positions_continue_from_original_length(models, family):
 
 
 # ------------------------------------------------------------------ batch with left padding
-PAD_EXACT = ["streaming", "snapkv", "h2o", "knorm", "ems_uniform", "razor", "lowrank"]
+PAD_EXACT = ["streaming", "snapkv", "snapkv_gqa_max", "h2o", "h2o_raw", "observed", "tova", "pyramidkv", "knorm",
+             "ems_uniform", "razor", "lowrank"]
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -150,9 +172,11 @@ def test_left_padded_batch_matches_rows_alone(models, family, name):
     am[1, :10] = 0
     pos = (am.cumsum(-1) - 1).clamp_min(0)
     new_pos = pos[:, -1:] + 1 + torch.arange(N_NEW)[None]
-    out, _ = _run(model, make_press(name, budget, model, family), ids, new, am, pos, new_pos)
+    # PyramidKV's per-layer budgets depend on the row length unless the schedule is flat
+    kw = {"beta": 1.0} if name in PYRAMID else {}
+    out, _ = _run(model, make_press(name, budget, model, family, **kw), ids, new, am, pos, new_pos)
     for r, row in enumerate((long, short)):
-        alone, _ = _run(model, make_press(name, budget, model, family), row, new[r : r + 1])
+        alone, _ = _run(model, make_press(name, budget, model, family, **kw), row, new[r : r + 1])
         torch.testing.assert_close(out[r : r + 1], alone, atol=2e-5, rtol=1e-4)
 
 
@@ -164,21 +188,27 @@ def test_budget_respected(models, family, name):
     model = models[family]
     ids = _ids(2)
     _, dense = _run(model, None, ids, _ids(2, 1))
-    _, cache = _run(model, make_press(name, budget, model, family), ids, _ids(2, 1))
+    out, cache = _run(model, make_press(name, budget, model, family), ids, _ids(2, 1))
+    assert torch.isfinite(out).all()
+    assert cache.get_seq_length() == T + 1  # positions continue from the original length
     keep = budget.resolve(T)
     hkv = model.config.num_key_value_heads
-    n_full = 0
+    stored = []  # prefill entries kept per compressed layer, over all KV heads
     for layer in cache.layers:
         if isinstance(layer, EvictedLayer):
-            assert layer.keys.shape[-2] == keep + 1
-            n_full += 1
+            stored.append((layer.keys.shape[-2] - 1) * hkv)
         elif isinstance(layer, RaggedLayer):
-            assert sum(layer.lengths) == keep * hkv
-            assert layer.flat_keys.shape[1] == keep * hkv  # stored without padding
-            n_full += 1
+            assert layer.flat_keys.shape[1] == sum(layer.lengths)  # stored without padding
+            stored.append(sum(layer.lengths))
         else:
             assert getattr(layer, "is_sliding", False)
-    assert n_full >= 1
+    assert stored
+    if name in PYRAMID:  # keep * Hkv per layer on average, more in the lower layers
+        assert sum(stored) == keep * hkv * len(stored)
+        if len(stored) > 2:
+            assert stored[0] > stored[-1]
+    else:
+        assert stored == [keep * hkv] * len(stored)
     assert cache_nbytes(cache) < cache_nbytes(dense)
 
 
