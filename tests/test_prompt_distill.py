@@ -256,3 +256,21 @@ def test_check_default_corpus_against_recorded_sources(tmp_path, capsys):
     assert main(["prompt", "distill", "--check-corpus", "--asset-dir", str(tmp_path / "nowhere")]) == 2
     # the shipped asset records its corpus, so the check runs against it by default
     assert check_default_corpus()["shipped_sources"] > 0
+
+
+def test_distill_default_warns_before_training_on_another_corpus(tmp_path, monkeypatch, capsys):
+    """``--default`` checks the corpus first (85 minutes of work follow); not with a custom
+    corpus size, where a different corpus is the point."""
+    from ctxzip.cli import main
+    from ctxzip.prompt import distill as D
+
+    calls = []
+    monkeypatch.setattr(D, "check_default_corpus", lambda asset_dir=None: {
+        "match": False, "sources": 3, "shipped_sources": 2, "chars": 10, "shipped_chars": 9,
+        "missing": [], "extra": ["metadata:new-1.0.dist-info"]})
+    monkeypatch.setattr(D, "distill_default", lambda *a, **k: calls.append(k) or {"n_train": 0})
+    assert main(["prompt", "distill", "--default", "--asset-dir", str(tmp_path), "--no-progress"]) == 0
+    assert "new-1.0" in capsys.readouterr().err and len(calls) == 1
+    assert main(["prompt", "distill", "--default", "--asset-dir", str(tmp_path), "--metadata-chars", "1000",
+                 "--no-progress"]) == 0
+    assert "differs" not in capsys.readouterr().err and len(calls) == 2

@@ -91,14 +91,15 @@ def _distill(args: argparse.Namespace) -> int:
     if args.default:
         if args.texts or args.pairs:
             raise ValueError("--default uses the built-in corpus; drop --texts/--pairs")
-        try:
-            rep = D.check_default_corpus()
-        except (OSError, ValueError):  # no shipped asset to compare with: nothing to warn about
-            rep = {"match": True}
-        if not rep["match"]:
-            print(_corpus_warning(rep), file=sys.stderr)
-        asset = args.asset_dir or str(D.default_asset_dir())
         R = D.DEFAULT_RECIPE
+        if args.metadata_chars in (None, R["metadata_chars"]) and args.docstring_chars in (None, R["docstring_chars"]):
+            try:  # the recipe's corpus: would it be the shipped classifier's?
+                rep = D.check_default_corpus()
+            except (OSError, ValueError):  # no shipped asset to compare with: nothing to warn about
+                rep = {"match": True}
+            if not rep["match"]:
+                print(_corpus_warning(rep), file=sys.stderr)
+        asset = args.asset_dir or str(D.default_asset_dir())
         log = D.distill_default(
             args.out, asset_dir=asset, max_samples=args.max_samples if args.max_samples is not None else R["max_samples"],
             metadata_chars=args.metadata_chars if args.metadata_chars is not None else R["metadata_chars"],
