@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -99,7 +100,8 @@ def profile_graph(clf, x, runs: int) -> dict:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     so.enable_profiling = True
-    so.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="ctxzip-prof-")) / "ort")
+    prof_dir = tempfile.mkdtemp(prefix="ctxzip-prof-")
+    so.profile_file_prefix = str(Path(prof_dir) / "ort")
     sess = ort.InferenceSession(str(clf.path), so, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=_LN_FUSIONS if clf.split_layer_norm else None)
     feed = {"input_ids": x, "attention_mask": np.ones_like(x)}
@@ -111,7 +113,7 @@ def profile_graph(clf, x, runs: int) -> dict:
             walls.append(time.perf_counter() - t0)
     path = sess.end_profiling()
     events = json.loads(Path(path).read_text())
-    Path(path).unlink(missing_ok=True)
+    shutil.rmtree(prof_dir, ignore_errors=True)
     per_op: dict[str, float] = {}
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
