@@ -59,6 +59,7 @@ from prompt_speed import (  # noqa: E402
     _version,
     agreement,
     load_classifier,
+    macs_per_token,
     make_anchor,
     words_text,
     write_report,
@@ -78,32 +79,13 @@ def op_class(op: str) -> str:
     return "other"
 
 
-def macs_per_token(cfg, n: int) -> dict:
-    """Multiply-accumulates per token of a BERT-style encoder on an ``n``-token sequence:
-    ``linear`` (q, k, v, attention output: 4 h^2; FFN in and out: 2 h i; per layer) and
-    ``attention`` (scores and weighted values: 2 n h per layer)."""
-    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    return {"linear": layers * (4 * h * h + 2 * h * i), "attention": layers * 2 * n * h}
-
-
 def profile_graph(clf, x, runs: int) -> dict:
     """Mean operator time per run of ``clf``'s graph on ``x`` (one thread), grouped by
     :func:`op_class`, from ONNX Runtime's profiler."""
     import numpy as np
-    import onnxruntime as ort
 
-    from ctxzip.prompt.onnx_backend import _LN_FUSIONS
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    so.enable_profiling = True
     prof_dir = tempfile.mkdtemp(prefix="ctxzip-prof-")
-    so.profile_file_prefix = str(Path(prof_dir) / "ort")
-    sess = ort.InferenceSession(str(clf.path), so, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=_LN_FUSIONS if clf.split_layer_norm else None)
+    sess = clf._session(1, profile=str(Path(prof_dir) / "ort"))  # the graph's own session options
     feed = {"input_ids": x, "attention_mask": np.ones_like(x)}
     walls = []
     for r in range(runs + 2):

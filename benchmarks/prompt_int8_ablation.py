@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 OUT = ROOT / "benchmarks" / "results"
 
-from prompt_speed import _version, agreement, load_classifier, words_text  # noqa: E402
+from prompt_speed import _version, agreement, load_classifier, macs_per_token, words_text  # noqa: E402
 
 VARIANTS: dict[str, tuple[str, dict]] = {
     "all-int8": ("onnx-int8", {"fp32_ffn_out": ()}),
@@ -64,12 +64,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 
 
 def fp32_flop_share(cfg, fp32_layers: tuple[int, ...]) -> float:
-    """Share of the encoder's linear-layer FLOPs per token in the FFN-output products of
-    ``fp32_layers`` (q, k, v, attention output: 4 h^2; FFN in and out: 2 h i each layer)."""
+    """Share of the encoder's linear-layer FLOPs per token (:func:`prompt_speed.macs_per_token`)
+    in the FFN-output products (``h x i`` each) of ``fp32_layers``."""
     h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    per_layer = 4 * h * h + 2 * h * i
     kept = sum(h * i for layer in fp32_layers if layer < n)
-    return kept / (n * per_layer)
+    return kept / macs_per_token(cfg, 1)["linear"]
 
 
 def main() -> None:

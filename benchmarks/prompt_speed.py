@@ -80,6 +80,14 @@ def load_classifier(asset: str | None):
     return load_partial(asset) if asset else load_default_classifier()
 
 
+def macs_per_token(cfg, n: int) -> dict:
+    """Multiply-accumulates per token of a BERT-style encoder on an ``n``-token sequence:
+    ``linear`` (q, k, v, attention output: 4 h^2; FFN in and out: 2 h i; per layer) and
+    ``attention`` (scores and weighted values: 2 n h per layer)."""
+    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    return {"linear": layers * (4 * h * h + 2 * h * i), "attention": layers * 2 * n * h}
+
+
 def make_anchor(model, tok):
     """``(anchor, folder)``: ``llmlingua``'s LLMLingua-2 ``PromptCompressor`` on ``model``, saved
     to a temporary folder (removed at exit) whose name selects the anchor's ``##`` word merging,

@@ -231,7 +231,9 @@ class OnnxClassifier:
         self.session = self._session(self.threads)
         self._single: Any = None  # one-thread session for chunk-parallel runs
 
-    def _session(self, threads: int) -> Any:
+    def _session(self, threads: int, *, profile: str | None = None) -> Any:
+        """An ONNX Runtime session on the converted graph. ``profile``: a file prefix for ONNX
+        Runtime's per-operator profiler (``benchmarks/prompt_fast_bound.py``)."""
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -239,6 +241,9 @@ class OnnxClassifier:
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        if profile is not None:
+            so.enable_profiling = True
+            so.profile_file_prefix = profile
         return ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"],
                                     disabled_optimizers=_LN_FUSIONS if self.split_layer_norm else None)
 
